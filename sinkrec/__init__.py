@@ -1,0 +1,1 @@
+"""SinkRec: memory-conditioned Gated DeltaNet for long user-behaviour sequences."""
