@@ -1,0 +1,42 @@
+"""SinkBench generator: deterministic per seed, both behaviour kinds, heavy-tailed lengths."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipeline.synth import SynthConfig, generate, sequence_lengths
+
+
+def test_deterministic_per_seed_and_row_groups(tmp_path):
+    cfg = SynthConfig(users=200, items=300, seed=7, batch_events=5_000)
+    a, b, c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
+    for path, seed in ((a, 7), (b, 7), (c, 8)):
+        generate(SynthConfig(**{**cfg.__dict__, "seed": seed}), path, log=lambda _: None)
+    assert pl.read_parquet(a).equals(pl.read_parquet(b))
+    assert not pl.read_parquet(a).equals(pl.read_parquet(c))
+    assert pq.ParquetFile(a).metadata.num_row_groups > 1
+
+
+def test_kinds_items_and_time_order(tmp_path):
+    path = tmp_path / "e.parquet"
+    stats = generate(SynthConfig(users=300, items=500, seed=0, repeat_ratio=0.4), path, log=lambda _: None)
+    df = pl.read_parquet(path)
+    assert df.height == stats["events"]
+    share = df["kind"].mean()
+    assert 0.25 < share < 0.45  # about repeat_ratio, minus skipped slots
+    assert df["item_id"].min() >= 1 and df["item_id"].max() <= 500
+    assert df.group_by("user_id").agg(pl.col("timestamp").diff().min())["timestamp"].min() > 0
+    # habit events re-consume few distinct items; dynamic ones roam
+    per_user = df.group_by("user_id", "kind").agg(pl.col("item_id").n_unique() / pl.len())
+    ratios = per_user.group_by("kind").agg(pl.col("item_id").mean()).sort("kind")["item_id"].to_list()
+    assert ratios[1] < ratios[0]
+    none = tmp_path / "n.parquet"
+    generate(SynthConfig(users=50, items=500, seed=0, repeat_ratio=0.0), none, log=lambda _: None)
+    assert pl.read_parquet(none)["kind"].sum() == 0
+
+
+def test_lengths_are_heavy_tailed():
+    lengths = sequence_lengths(SynthConfig(users=20_000, items=2000, mean_len=300), np.random.default_rng(0))
+    assert 150 < lengths.mean() < 350 and lengths.max() >= 10_000 and np.median(lengths) < lengths.mean() / 2
