@@ -1,0 +1,182 @@
+"""TDGD layer (Temporal-aware, state-relation Differential Gated DeltaNet) and the looped block.
+
+Data flow of one block (SINKREC.md sections 1-3):
+    h --RVQMemory--> h + g * W_r m,  m          (storage; skipped when memory is off)
+      --TDGD-------> h + dropout(y)              (transition: one gated delta rule)
+      --SwiGLU-----> h + ffn(h)
+With memory off the block is exactly a Gated DeltaNet block (short conv, l2-normed q/k,
+decay + write gates, output gate), which is the "gdn" baseline.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sinkrec.layers.fused_gates import fused_gates
+from sinkrec.modules import RMSNorm, RVQMemory, ShortConv, SwiGLU, l2norm
+from sinkrec.ops import gated_delta_rule
+
+
+class TDGD(nn.Module):
+    """Returns the residual update y [B, T, D] (not h + y)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        memory: bool = True,
+        purify_write: bool = True,
+        diff_read: bool = True,
+        temporal: bool = True,
+        conv_size: int = 4,
+        kernel_backend: str = "auto",
+        gate_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"SinkRecConfig: d_model={d_model} must be divisible by n_heads={n_heads}")
+        H, K = n_heads, d_model // n_heads
+        V = K
+        self.H, self.K, self.V = H, K, V
+        self.memory, self.purify_write, self.diff_read, self.temporal = memory, purify_write, diff_read, temporal
+        self.kernel_backend, self.gate_backend = kernel_backend, gate_backend
+        self.norm = RMSNorm(d_model)
+        # one input projection (fewer, larger matmuls):
+        #   [q | k | v] (H*K, H*K, H*V, through the short conv) | output gate (H*V) | w_a.u | w_b.u
+        #   (H each; no bias, as in the spec). GDN's parameters are a subset of SinkRec's.
+        self.n_conv = H * (2 * K + V)
+        self.w_in = nn.Linear(d_model, self.n_conv + H * V + 2 * H, bias=False)
+        self.conv = ShortConv(self.n_conv, conv_size)
+        # Gated DeltaNet / Mamba2 init: decay rate A in [1, 16], softplus(dt_bias) in [1e-3, 1e-1]
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        # c_a > 0: a long gap since the previous event forgets more (sessions end, tastes move)
+        self.c_a = nn.Parameter(torch.full((H,), 0.5))
+        self.c_b = nn.Parameter(torch.zeros(H))
+        if memory:
+            self.w_mkv = nn.Linear(d_model, H * (K + V), bias=False)  # memory key | memory value
+            self.w_l = nn.Linear(d_model, H, bias=False)  # differential-read weight lam = sigmoid(w_l.u)
+            # rho = sigmoid(4 <k, km> - 2): small unless the key points at the memory key
+            self.s_rho = nn.Parameter(torch.full((H,), 4.0))
+            self.b_rho = nn.Parameter(torch.full((H,), -2.0))
+        else:
+            # unused by the memory-off gates; buffers keep the fused-gate call signature uniform
+            self.register_buffer("s_rho", torch.zeros(H), persistent=False)
+            self.register_buffer("b_rho", torch.zeros(H), persistent=False)
+        self.o_norm = RMSNorm(V)
+        self.w_o = nn.Linear(H * V, d_model, bias=False)
+
+    def _split(self, x: torch.Tensor, conv_out: torch.Tensor):
+        """Projection x [..., n_in] and conv output [..., n_conv] -> q, k [..., H, K]; v, og [..., H, V];
+        gate logits [..., 2H]."""
+        H, K, V = self.H, self.K, self.V
+        qk, v = F.silu(conv_out).split([2 * H * K, H * V], dim=-1)
+        q, k = l2norm(qk.unflatten(-1, (2 * H, K))).split(H, dim=-2)  # one norm pass: [..., 2H, K]
+        og, gates = x[..., self.n_conv:].split([H * V, 2 * H], dim=-1)
+        return q, k, v.unflatten(-1, (H, V)), og.unflatten(-1, (H, V)), gates
+
+    def _memory_kv(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """m [..., D] -> km [..., H, K] (unit norm), vm [..., H, V]."""
+        km, vm = self.w_mkv(m).split([self.H * self.K, self.H * self.V], dim=-1)
+        return l2norm(km.unflatten(-1, (self.H, self.K))), vm.unflatten(-1, (self.H, self.V))
+
+    def _mix(self, u, q, k, v, og, gate_x, m, phi, mask, initial_state, output_final_state, backend):
+        """Gates + delta rule + output gate, shared by forward (T events) and step (T = 1).
+        u [B, T, D]; q, k [B, T, H, K]; v, og [B, T, H, V]; gate_x [B, T, 2H]; m [B, T, D] | None;
+        phi, mask [B, T]."""
+        km = vm = l_x = None
+        a_x, b_x = gate_x.split(self.H, dim=-1)
+        if self.memory:
+            km, vm = self._memory_kv(m)
+            l_x = self.w_l(u)
+        gates = fused_gates(
+            q, k, v, km, vm, a_x, b_x, l_x, phi, mask,
+            self.A_log, self.dt_bias, self.c_a, self.c_b, self.s_rho, self.b_rho,
+            memory=self.memory, purify_write=self.purify_write, diff_read=self.diff_read,
+            temporal=self.temporal, backend=self.gate_backend,
+        )
+        # scale=1: the spec reads o = S q~ exactly; o_norm below removes the overall scale
+        o, state = gated_delta_rule(
+            gates.q, k, gates.v, gates.g, gates.beta, scale=1.0,
+            initial_state=initial_state, output_final_state=output_final_state, backend=backend,
+        )  # o: [B, T, H, V]
+        if self.memory:
+            o = o + gates.r[..., None] * vm  # the position reads its own memory pair
+        y = self.w_o((self.o_norm(o) * F.silu(og)).flatten(-2))  # [B, T, H, V] -> [B, T, D]
+        return y, o, state
+
+    def forward(
+        self, h: torch.Tensor, m: torch.Tensor | None, phi: torch.Tensor, mask: torch.Tensor,
+        return_record: bool = False,
+    ) -> tuple[torch.Tensor, dict | None]:
+        """h [B, T, D], m [B, T, D] | None, phi [B, T] float, mask [B, T] bool -> (y [B, T, D], record)."""
+        u = self.norm(h)
+        x = self.w_in(u)  # [B, T, n_in]
+        q, k, v, og, gate_x = self._split(x, self.conv(x[..., : self.n_conv]))
+        y, o, state = self._mix(u, q, k, v, og, gate_x, m, phi, mask, None, return_record, self.kernel_backend)
+        record = {"S": state, "k": k, "v": v, "o": o} if return_record else None
+        return y, record
+
+    # ---- streaming: O(1) per event ----
+    def init_cache(self, B: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        return {
+            "conv": self.conv.init_buffer(B, device, dtype),
+            "S": torch.zeros(B, self.H, self.K, self.V, device=device, dtype=torch.float32),
+        }
+
+    def step(self, h, m, phi, valid, cache):
+        """h [B, D], m [B, D] | None, phi [B], valid [B] bool -> (y [B, D], new cache)."""
+        u = self.norm(h)[:, None]  # add the time axis: [B, 1, D]
+        x = self.w_in(u)  # [B, 1, n_in]
+        conv_out, buf = self.conv.step(x[:, 0, : self.n_conv], cache["conv"])
+        q, k, v, og, gate_x = self._split(x, conv_out[:, None])
+        y, _, S = self._mix(u, q, k, v, og, gate_x, None if m is None else m[:, None], phi[:, None], valid[:, None],
+                            cache["S"], True, "recurrent")
+        return y[:, 0], {"conv": buf, "S": S}
+
+
+class SinkRecBlock(nn.Module):
+    """memory (storage) -> TDGD (transition) -> SwiGLU FFN. Weights are shared across loops."""
+
+    def __init__(self, d_model: int, n_heads: int, *, memory: bool, purify_write: bool, diff_read: bool,
+                 temporal: bool, n_levels: int, n_codes: int, ema_decay: float, conv_size: int,
+                 dropout: float, kernel_backend: str, gate_backend: str) -> None:
+        super().__init__()
+        self.memory = RVQMemory(d_model, n_levels, n_codes, conv_size, ema_decay) if memory else None
+        self.tdgd = TDGD(d_model, n_heads, memory=memory, purify_write=purify_write, diff_read=diff_read,
+                         temporal=temporal, conv_size=conv_size, kernel_backend=kernel_backend,
+                         gate_backend=gate_backend)
+        self.ffn = SwiGLU(d_model, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h, phi, mask, return_record: bool = False):
+        """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, record | None)."""
+        m, commit, codes = None, h.new_zeros(()), None
+        if self.memory is not None:
+            h, m, commit, codes = self.memory(h, mask)
+        y, record = self.tdgd(h, m, phi, mask, return_record)
+        h = h + self.dropout(y)
+        h = h + self.ffn(h)
+        if record is not None:
+            record["codes"] = codes
+        return h, commit, record
+
+    def init_cache(self, B: int, device=None, dtype=torch.float32) -> dict:
+        cache = {"tdgd": self.tdgd.init_cache(B, device, dtype)}
+        if self.memory is not None:
+            cache["memory"] = self.memory.init_buffer(B, device, dtype)
+        return cache
+
+    def step(self, h, phi, valid, cache):
+        """h [B, D] -> (h [B, D], new cache)."""
+        new, m = {}, None
+        if self.memory is not None:
+            h, m, new["memory"] = self.memory.step(h, valid, cache["memory"])
+        y, new["tdgd"] = self.tdgd.step(h, m, phi, valid, cache["tdgd"])
+        h = h + self.dropout(y)
+        return h + self.ffn(h), new

@@ -1,0 +1,285 @@
+"""Sequential recommenders: SinkRec (memory-conditioned Gated DeltaNet), GDN and SASRec.
+
+Reads top to bottom: config -> shared base (tied item table, time features, loss)
+-> SinkRec / GDN (looped TDGD blocks) -> SASRec (causal softmax attention) -> build_model.
+Batches are LEFT-padded (item 0 = pad at the front, most recent event at index -1); see
+docs/CONTRACTS.md section 2. No Lightning here: `sinkrec.lit_module` wraps these modules.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sinkrec.layers import SinkRecBlock
+from sinkrec.layers.fused_gates import GATE_BACKENDS
+from sinkrec.losses import full_softmax_loss, sampled_softmax_loss
+from sinkrec.modules import RMSNorm, SwiGLU
+
+ARCHS = ("sinkrec", "gdn", "sasrec")
+
+
+@dataclass
+class SinkRecConfig:
+    num_items: int = 0  # N: item ids are 1..N, 0 is padding (linked from the data module)
+    arch: str = "sinkrec"  # "sinkrec" | "gdn" (= sinkrec with memory off) | "sasrec"
+    d_model: int = 64  # hidden width D, also the item-embedding width (tied head)
+    n_heads: int = 2  # heads H; head dims K = V = d_model // n_heads
+    n_blocks: int = 2  # distinct blocks (weights); SASRec: number of attention layers
+    n_loops: int = 2  # passes over the blocks with shared weights (SinkRec/GDN; 1 = no looping)
+    max_len: int = 200  # SASRec only: number of learned positions (longest sequence it accepts)
+    dropout: float = 0.1  # on residual updates and (SASRec) on attention probabilities / input
+    memory: bool = True  # RVQ conditional memory; False = plain Gated DeltaNet blocks
+    purify_write: bool = True  # write beta*(1 - rho) and v - rho*vm instead of beta and v
+    diff_read: bool = True  # read with q - lam*km instead of q
+    temporal: bool = True  # time gaps enter the decay and write gates
+    n_levels: int = 2  # RVQ levels
+    n_codes: int = 256  # codes per RVQ level
+    commit_weight: float = 0.25  # weight of the RVQ commitment loss in aux_loss
+    ema_decay: float = 0.99  # EMA decay of the codebook statistics
+    time_scale: float = 3600.0  # seconds; phi = log1p(dt / time_scale)
+    conv_size: int = 4  # short causal conv kernel (q/k/v) and local-pattern window of the memory
+    loss: str = "full"  # "full" softmax over all items | "sampled" (in-batch + uniform, logQ)
+    num_negatives: int = 256  # uniform negatives per batch for loss="sampled"
+    kernel_backend: str = "auto"  # delta-rule backend: "auto" | "chunk" | "recurrent" | "fla"
+    gate_backend: str = "auto"  # fused gates: "reference" | "compile" | "triton" | "auto"
+    init_std: float = 0.02  # std of the item / position / loop embeddings
+
+    def validate(self) -> SinkRecConfig:
+        if self.arch not in ARCHS:
+            raise ValueError(f"SinkRecConfig.arch={self.arch!r} must be one of {ARCHS}")
+        if self.num_items < 1:
+            raise ValueError(f"SinkRecConfig.num_items={self.num_items} must be >= 1 (link it from the data)")
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"SinkRecConfig.loss={self.loss!r} must be 'full' or 'sampled'")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"SinkRecConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.kernel_backend not in ("auto", "chunk", "recurrent", "fla"):
+            raise ValueError(f"SinkRecConfig.kernel_backend={self.kernel_backend!r} must be one of "
+                             "'auto', 'chunk', 'recurrent', 'fla'")
+        if self.gate_backend not in GATE_BACKENDS:
+            raise ValueError(f"SinkRecConfig.gate_backend={self.gate_backend!r} must be one of {GATE_BACKENDS}")
+        if self.n_loops < 1 or self.n_blocks < 1:
+            raise ValueError(f"SinkRecConfig: n_blocks={self.n_blocks} and n_loops={self.n_loops} must be >= 1")
+        return self
+
+
+@dataclass
+class ModelOutput:
+    hidden: torch.Tensor  # [B, T, D], final-normed; zero at pad positions
+    aux_loss: torch.Tensor  # scalar, already weighted (commit_weight * commitment); 0 without memory
+    states: list[dict] | None = None  # per (loop, block) pass: {"S", "k", "v", "o", "codes"} if requested
+
+
+def time_features(ts: torch.Tensor, mask: torch.Tensor, time_scale: float) -> torch.Tensor:
+    """phi_t = log1p(dt_t / time_scale), dt_t = max(ts_t - ts_{t-1}, 0); 0 at the first real event
+    and at pads. ts, mask [B, T] -> phi [B, T] float32."""
+    dt = (ts[:, 1:] - ts[:, :-1]).clamp_min(0).float()  # [B, T - 1]
+    dt = dt * (mask[:, 1:] & mask[:, :-1])  # the previous position must be a real event
+    dt = F.pad(dt, (1, 0))  # [B, T]
+    return torch.log1p(dt / time_scale)
+
+
+class SeqRecModel(nn.Module):
+    """What every arch shares: the tied item table, scores and the loss."""
+
+    def __init__(self, cfg: SinkRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.d_model, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=cfg.init_std)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def item_embeddings(self) -> torch.Tensor:
+        """Tied table [N + 1, D]; row 0 is padding and never a valid prediction."""
+        return self.item_emb.weight
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D] -> scores [..., N + 1] over the whole catalogue; column 0 = -inf."""
+        s = hidden @ self.item_emb.weight.t()
+        s[..., 0] = float("-inf")
+        return s
+
+    def loss(self, out: ModelOutput, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """targets [B, T] (0 = ignore) -> (CE + aux_loss, {"ce", "aux"})."""
+        table = self.item_embeddings()
+        if self.cfg.loss == "full":
+            ce = full_softmax_loss(out.hidden, table, targets)
+        else:
+            ce = sampled_softmax_loss(out.hidden, table, targets, self.cfg.num_negatives)
+        return ce + out.aux_loss, {"ce": ce.detach(), "aux": out.aux_loss.detach()}
+
+
+class SinkRec(SeqRecModel):
+    """Tied item embeddings -> n_loops x (n_blocks shared-weight blocks) -> final RMSNorm."""
+
+    def __init__(self, cfg: SinkRecConfig) -> None:
+        super().__init__(cfg)
+        self.blocks = nn.ModuleList(
+            SinkRecBlock(
+                cfg.d_model, cfg.n_heads, memory=cfg.memory, purify_write=cfg.purify_write,
+                diff_read=cfg.diff_read, temporal=cfg.temporal, n_levels=cfg.n_levels, n_codes=cfg.n_codes,
+                ema_decay=cfg.ema_decay, conv_size=cfg.conv_size, dropout=cfg.dropout,
+                kernel_backend=cfg.kernel_backend, gate_backend=cfg.gate_backend,
+            )
+            for _ in range(cfg.n_blocks)
+        )
+        # tells the shared blocks which pass they are in
+        self.loop_emb = nn.Embedding(cfg.n_loops, cfg.d_model)
+        nn.init.normal_(self.loop_emb.weight, std=cfg.init_std)
+        self.norm_f = RMSNorm(cfg.d_model)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False) -> ModelOutput:
+        """items, ts [B, T] (left-padded) -> ModelOutput(hidden [B, T, D], aux_loss, states)."""
+        mask = items != 0  # [B, T]
+        keep = mask[..., None].to(self.item_emb.weight.dtype)  # [B, T, 1]
+        phi = time_features(ts, mask, self.cfg.time_scale)
+        h = self.emb_dropout(self.item_emb(items))
+        commit, states = h.new_zeros(()), [] if return_states else None
+        for loop in range(self.cfg.n_loops):
+            h = h + self.loop_emb.weight[loop]
+            for block in self.blocks:
+                # zero pads so the convolutions of the first real events see zeros, whatever
+                # the amount of left padding
+                h, c, record = block(h * keep, phi, mask, return_states)
+                commit = commit + c
+                if return_states:
+                    states.append(record)
+        hidden = self.norm_f(h) * keep
+        n_passes = self.cfg.n_loops * self.cfg.n_blocks
+        aux = self.cfg.commit_weight * commit / n_passes if self.cfg.memory else commit
+        return ModelOutput(hidden, aux, states)
+
+    # ---- streaming inference, O(1) per event ----
+    def init_state(self, B: int, device=None) -> dict:
+        device = device or self.item_emb.weight.device
+        dtype = self.item_emb.weight.dtype
+        return {
+            "ts_prev": torch.zeros(B, dtype=torch.long, device=device),
+            "has_prev": torch.zeros(B, dtype=torch.bool, device=device),
+            # one cache per (loop, block) pass: shared weights, different inputs
+            "passes": [blk.init_cache(B, device, dtype) for _ in range(self.cfg.n_loops) for blk in self.blocks],
+        }
+
+    @torch.no_grad()
+    def step(self, state: dict, item: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """item, ts [B] -> (hidden [B, D], new state); equals forward(items, ts).hidden[:, t].
+        A pad item (0) leaves the state unchanged apart from the conv buffers, which take a zero,
+        exactly as the full forward sees it."""
+        valid = item != 0
+        dt = torch.where(state["has_prev"] & valid, (ts - state["ts_prev"]).clamp_min(0), 0)
+        phi = torch.log1p(dt.float() / self.cfg.time_scale)
+        keep = valid[:, None].to(self.item_emb.weight.dtype)
+        h = self.item_emb(item)
+        caches, i = [], 0
+        for loop in range(self.cfg.n_loops):
+            h = h + self.loop_emb.weight[loop]
+            for block in self.blocks:
+                h, cache = block.step(h * keep, phi, valid, state["passes"][i])
+                caches.append(cache)
+                i += 1
+        new_state = {
+            "ts_prev": torch.where(valid, ts, state["ts_prev"]),
+            "has_prev": state["has_prev"] | valid,
+            "passes": caches,
+        }
+        return self.norm_f(h) * keep, new_state
+
+
+class CausalSelfAttention(nn.Module):
+    """Pre-norm multi-head causal attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.norm = RMSNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, D]; attn_mask [B, 1, T, T] bool (True = attend), or None for plain causal
+        attention without padding (lets SDPA pick its fused causal kernel)."""
+        B, T, D = h.shape
+        q, k, v = self.qkv(self.norm(h)).split(D, dim=-1)
+        # [B, T, D] -> [B, H, T, D / H]
+        q, k, v = (x.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for x in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))  # [B, H, T, D / H] -> [B, T, D]
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ffn = SwiGLU(d_model, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        h = h + self.dropout(self.attn(h, attn_mask))
+        return h + self.ffn(h)
+
+
+class SASRec(SeqRecModel):
+    """SASRec (Kang & McAuley 2018) with this project's embedding, head and loss.
+
+    Learned positions are aligned to the END of the sequence: the most recent event always has
+    position max_len - 1, so extra left padding does not move any real event's position.
+    """
+
+    def __init__(self, cfg: SinkRecConfig) -> None:
+        super().__init__(cfg)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        nn.init.normal_(self.pos_emb.weight, std=cfg.init_std)
+        self.blocks = nn.ModuleList(SASRecBlock(cfg.d_model, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_blocks))
+        self.norm_f = RMSNorm(cfg.d_model)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False) -> ModelOutput:
+        T = items.shape[1]
+        if T > self.cfg.max_len:
+            raise ValueError(f"SASRec: sequence length {T} > SinkRecConfig.max_len={self.cfg.max_len}; "
+                             "raise max_len or truncate the batch")
+        mask = items != 0
+        keep = mask[..., None].to(self.item_emb.weight.dtype)
+        pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=items.device)  # [T]
+        h = self.emb_dropout(self.item_emb(items) + self.pos_emb(pos)) * keep
+        # causal AND key is real; the diagonal stays open so pad query rows are never all-masked
+        # (an all -inf row is NaN in softmax); real rows never see pad keys
+        causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
+        eye = torch.eye(T, dtype=torch.bool, device=items.device)
+        attn_mask = (causal & mask[:, None, :]) | eye  # [B, T(query), T(key)]
+        attn_mask = attn_mask[:, None]  # [B, 1, T, T], broadcast over heads
+        for block in self.blocks:
+            h = block(h, attn_mask) * keep
+        return ModelOutput(self.norm_f(h) * keep, h.new_zeros(()), None)
+
+    # ---- streaming ----
+    # End-aligned positions re-index every past event when a new one arrives, so keys/values
+    # cannot be cached; the state is the window of the last max_len events and each step
+    # re-encodes it: O(max_len) per event, bounded, and equal to forward on the prefix.
+    def init_state(self, B: int, device=None) -> dict:
+        device = device or self.item_emb.weight.device
+        empty = torch.zeros(B, 0, dtype=torch.long, device=device)
+        return {"items": empty, "ts": empty.clone()}
+
+    @torch.no_grad()
+    def step(self, state: dict, item: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        items = torch.cat([state["items"], item[:, None]], 1)[:, -self.cfg.max_len:]
+        tss = torch.cat([state["ts"], ts[:, None]], 1)[:, -self.cfg.max_len:]
+        return self(items, tss).hidden[:, -1], {"items": items, "ts": tss}
+
+
+def build_model(cfg: SinkRecConfig) -> SeqRecModel:
+    """cfg.arch -> model. "gdn" is SinkRec with the memory (and so every memory switch) off."""
+    cfg.validate()
+    if cfg.arch == "sasrec":
+        return SASRec(cfg)
+    if cfg.arch == "gdn":
+        cfg = dataclasses.replace(cfg, memory=False)
+    return SinkRec(cfg)

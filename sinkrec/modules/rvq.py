@@ -1,0 +1,199 @@
+"""Conditional memory: residual vector quantisation of local behaviour patterns.
+
+Per position t (SINKREC.md section 1):
+    z_t  = RMSNorm(causal_depthwise_conv_4(h)_t)           local n-gram pattern
+    c^l  = argmin_k ||r^{l-1} - B^l_k||,  r^0 = z,  r^l = r^{l-1} - B^l[c^l]
+    m_t  = sum_l M^l[c^l_t]                                  learned memory value
+    h_t <- h_t + g_t * W_r m_t,  g_t = sigmoid(<RMSNorm(h_t), RMSNorm(W_g m_t)> / sqrt(d))
+
+Codebooks `B` are buffers updated by EMA (k-means in expectation) only in training
+mode; the task loss trains the memory tables `M` through the rows the codes pick. The
+pattern conv learns to stay near its codes through the commitment loss ||z - sg(B[c])||^2
+(mean over D and over real positions); that loss does not reach the hidden state h.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sinkrec.modules.conv import ShortConv
+from sinkrec.modules.norms import RMSNorm
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rvq_encode(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Greedy residual quantisation (no grad).
+
+    z: [N, D], codebooks: [L, C, D] -> codes [N, L], quantised sum [N, D], and the
+    residual each level quantised (r^0 .. r^{L-1}, each [N, D]) for the EMA update.
+    """
+    r = z.float()
+    codes, residuals = [], []
+    quant = torch.zeros_like(r)
+    for book in codebooks.float():  # book: [C, D]
+        # ||r - b||^2 = ||r||^2 - 2 r.b + ||b||^2; ||r||^2 is constant per row so dropped
+        dist_ = book.pow(2).sum(-1)[None, :] - 2 * r @ book.t()  # [N, C]
+        c = dist_.argmin(-1)
+        residuals.append(r)
+        codes.append(c)
+        quant = quant + book[c]
+        r = r - book[c]
+    return torch.stack(codes, -1), quant, residuals
+
+
+class RVQMemory(nn.Module):
+    """Local-pattern RVQ + learnable memory tables + gated reinjection.
+
+    forward(h [B, T, D], mask [B, T] bool) -> (h' [B, T, D], m [B, T, D], commit scalar, codes [B, T, L])
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_levels: int = 2,
+        n_codes: int = 256,
+        window: int = 4,
+        ema_decay: float = 0.99,
+        restart_threshold: float = 0.03,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.n_levels, self.n_codes = d_model, n_levels, n_codes
+        self.ema_decay = ema_decay
+        # a code is dead when its EMA usage falls below this fraction of the mean usage;
+        # relative, so it works for any batch size and any number of codes
+        self.restart_threshold = restart_threshold
+        self.pattern_conv = ShortConv(d_model, window)
+        # fixed-scale norm (no learnable gain): z lives on the sphere of radius sqrt(D), so
+        # the commitment loss cannot shrink z toward the origin to cheat the codebook
+        self.pattern_eps = 1e-6
+        # codebooks and their EMA statistics are buffers: never seen by the optimizer
+        self.register_buffer("codebooks", torch.randn(n_levels, n_codes, d_model))
+        self.register_buffer("ema_count", torch.ones(n_levels, n_codes))
+        self.register_buffer("ema_sum", self.codebooks.clone())
+        self.register_buffer("initted", torch.zeros((), dtype=torch.bool))
+        # learned memory values, trained by the task loss through the selected rows
+        self.tables = nn.Parameter(torch.randn(n_levels, n_codes, d_model) * d_model ** -0.5)
+        self.w_r = nn.Linear(d_model, d_model, bias=False)
+        self.w_g = nn.Linear(d_model, d_model, bias=False)
+        self.norm_h = RMSNorm(d_model)
+        self.norm_m = RMSNorm(d_model)
+
+    # ---- pattern, quantisation, memory value ----
+    def pattern(self, conv_out: torch.Tensor) -> torch.Tensor:
+        x = conv_out.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.pattern_eps)).to(conv_out.dtype)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., L] -> m [..., D] = sum_l M^l[c^l]; gradients reach `tables`."""
+        L = self.n_levels
+        flat = codes + torch.arange(L, device=codes.device) * self.n_codes  # index into [L * C, D]
+        return F.embedding(flat, self.tables.reshape(L * self.n_codes, self.d_model)).sum(-2)
+
+    def reinject(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid((self.norm_h(h) * self.norm_m(self.w_g(m))).sum(-1, keepdim=True) / math.sqrt(self.d_model))
+        return h + gate * self.w_r(m)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T = h.shape[:2]
+        # h is detached: the commitment loss trains the pattern conv only. With its gradient
+        # reaching h it pulled the whole backbone onto a few codes (level-0 utilisation fell to
+        # 25% within 40 steps on habit+drift data, and the CE was worse); see docs/MODEL.md.
+        z = self.pattern(self.pattern_conv(h.detach()))  # [B, T, D]
+        z_valid = z[mask]  # [N, D], pads excluded from codes statistics and the loss
+        if self.training:
+            self._ema_update(z_valid.detach())
+        with torch.no_grad():
+            codes_valid, quant, _ = rvq_encode(z_valid.detach(), self.codebooks)
+        commit = F.mse_loss(z_valid.float(), quant) if z_valid.shape[0] else z.sum() * 0.0
+        codes = torch.zeros(B, T, self.n_levels, dtype=torch.long, device=h.device)
+        codes[mask] = codes_valid
+        m = self.lookup(codes) * mask[..., None].to(h.dtype)  # [B, T, D], zero at pads
+        return self.reinject(h, m), m, commit, codes
+
+    # ---- streaming ----
+    def init_buffer(self, B: int, device=None, dtype=None) -> torch.Tensor:
+        return self.pattern_conv.init_buffer(B, device, dtype)
+
+    def step(self, h: torch.Tensor, valid: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One event. h: [B, D], valid: [B] bool -> (h' [B, D], m [B, D], buf)."""
+        conv, buf = self.pattern_conv.step(h, buf)
+        codes, _, _ = rvq_encode(self.pattern(conv).detach(), self.codebooks)  # [B, L]
+        m = self.lookup(codes) * valid[:, None].to(h.dtype)
+        return self.reinject(h, m), m, buf
+
+    # ---- codebook learning (EMA k-means + dead-code restart), DDP-safe ----
+    @torch.no_grad()
+    def _ema_update(self, z: torch.Tensor) -> None:
+        """z: [N, D] valid patterns of this rank. All ranks end with identical codebooks:
+        the EMA statistics are all-reduced, and every random choice is made on rank 0
+        and broadcast."""
+        if not bool(self.initted):
+            self._data_init(z)
+        r = z.float()
+        decay = self.ema_decay
+        for level in range(self.n_levels):
+            book = self.codebooks[level]  # [C, D]
+            c = (book.pow(2).sum(-1)[None] - 2 * r @ book.t()).argmin(-1)  # [N]
+            count = torch.bincount(c, minlength=self.n_codes).float()  # [C]
+            total = torch.zeros_like(book).index_add_(0, c, r)  # [C, D]
+            if _dist_ready():
+                dist.all_reduce(count)
+                dist.all_reduce(total)
+            self.ema_count[level].mul_(decay).add_(count, alpha=1 - decay)
+            self.ema_sum[level].mul_(decay).add_(total, alpha=1 - decay)
+            # Laplace smoothing keeps never-used codes from dividing by zero
+            n = self.ema_count[level].sum()
+            eps = 1e-5
+            smoothed = (self.ema_count[level] + eps) / (n + self.n_codes * eps) * n
+            self.codebooks[level].copy_(self.ema_sum[level] / smoothed[:, None])
+            self._restart_dead(level, r)
+            book = self.codebooks[level]
+            r = r - book[(book.pow(2).sum(-1)[None] - 2 * r @ book.t()).argmin(-1)]
+
+    def _restart_dead(self, level: int, r: torch.Tensor) -> None:
+        count = self.ema_count[level]
+        dead = count < self.restart_threshold * count.mean()  # identical on all ranks (all-reduced)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        # restart dead codes at random current residuals: they then sit where data is.
+        # A rank with no valid positions still joins the broadcast (rank 0 decides).
+        if r.shape[0]:
+            idx = torch.randint(0, r.shape[0], (n_dead,), device=r.device)
+            new = r[idx] + 1e-3 * torch.randn_like(r[idx])
+        else:
+            new = torch.zeros(n_dead, r.shape[1], device=r.device)
+        if _dist_ready():
+            dist.broadcast(new, src=0)
+        self.codebooks[level][dead] = new
+        self.ema_count[level][dead] = count.mean()
+        self.ema_sum[level][dead] = new * count.mean()
+
+    def _data_init(self, z: torch.Tensor) -> None:
+        """First training batch: seed every level's codebook with random residuals."""
+        if z.shape[0] == 0:
+            return
+        r = z.float()
+        for level in range(self.n_levels):
+            idx = torch.randint(0, r.shape[0], (self.n_codes,), device=r.device)
+            book = r[idx] + 1e-3 * torch.randn_like(r[idx])
+            if _dist_ready():
+                dist.broadcast(book, src=0)
+            self.codebooks[level].copy_(book)
+            self.ema_sum[level].copy_(book)
+            self.ema_count[level].fill_(1.0)
+            r = r - book[(book.pow(2).sum(-1)[None] - 2 * r @ book.t()).argmin(-1)]
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def utilisation(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fraction of codes used per level on a batch: [L]."""
+        used = [torch.unique(codes[..., l][mask]).numel() / self.n_codes for l in range(self.n_levels)]
+        return torch.tensor(used)
