@@ -1,0 +1,360 @@
+"""Parity, state-carry, gradient and memory tests for `sinkrec.ops.gated_delta_rule` (CPU).
+
+The outside oracle is fla's own PyTorch reference `naive_recurrent_gated_delta_rule`, loaded from
+its file so that neither fla/__init__ nor Triton is executed (fla's kernels cannot run on CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import sinkrec.ops.gated_delta.chunk as chunk_mod
+from sinkrec.ops import gated_delta_rule
+from sinkrec.ops.backend import resolve_backend
+
+TOL = 1e-4  # relative RMS error, float32
+
+
+def _load_fla_naive():
+    spec = importlib.util.find_spec("fla")  # locates the package without executing fla/__init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "ops" / "gated_delta_rule" / "naive.py"
+    if not path.is_file():
+        return None
+    mod_spec = importlib.util.spec_from_file_location("_fla_gated_delta_naive", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.naive_recurrent_gated_delta_rule
+
+
+fla_naive = _load_fla_naive()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these tests run thousands of tiny ops; on a shared, oversubscribed CPU the intra-op thread
+    # barrier of each one costs more than the op (T=500 recurrent: ~1 s alone, ~25 s contended)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (
+        (x.double() - ref.double()).pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt().clamp_min(1e-30)
+    ).item()
+
+
+def make_inputs(B, T, H, K, V, seed=0, dtype=torch.float32):
+    """Gated DeltaNet-like inputs: unit-norm q/k, decays in (0, 1), write strengths in (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 2.0)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
+    h0 = torch.randn(B, H, K, V, generator=gen)
+    return [x.to(dtype) for x in (q, k, v, g, beta, h0)]
+
+
+def run_with_grads(fn, inputs, do, dht):
+    """Forward `fn(q, k, v, g, beta, h0) -> (o, ht)`, backward with random upstream grads on both.
+
+    Returns [o, ht, dq, dk, dv, dg, dbeta, dh0].
+    """
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    o, ht = fn(*xs)
+    ((o * do).sum() + (ht * dht).sum()).backward()
+    return [o.detach(), ht.detach()] + [x.grad for x in xs]
+
+
+def ours(backend, **kw):
+    def fn(q, k, v, g, beta, h0):
+        return gated_delta_rule(
+            q, k, v, g, beta, initial_state=h0, output_final_state=True, backend=backend, **kw
+        )
+
+    return fn
+
+
+NAMES = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+SHAPES = [  # (B, T, H, K, V): lengths around the chunk size 64, K != V in both directions
+    (2, 1, 2, 16, 16),
+    (2, 63, 2, 16, 32),
+    (1, 64, 3, 32, 16),
+    (3, 65, 1, 8, 8),
+    (1, 500, 2, 32, 24),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-H{}-K{}-V{}".format(*s))
+def test_chunk_matches_recurrent(shape):
+    inputs = make_inputs(*shape, seed=sum(shape))
+    B, T, H, K, V = shape
+    do, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+    ref = run_with_grads(ours("recurrent"), inputs, do, dht)
+    got = run_with_grads(ours("chunk"), inputs, do, dht)
+    for name, a, b in zip(NAMES, got, ref):
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+
+
+def test_chunk_matches_recurrent_without_state():
+    # the training call: no initial state, no final state, the loss reads o only
+    q, k, v, g, beta, _ = make_inputs(2, 130, 2, 16, 8, seed=2)
+    do = torch.randn(2, 130, 2, 8)
+    res = {}
+    for backend in ("recurrent", "chunk"):
+        xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+        o, ht = gated_delta_rule(*xs, backend=backend)
+        assert ht is None
+        (o * do).sum().backward()
+        res[backend] = [o.detach()] + [x.grad for x in xs]
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dg", "dbeta"], res["chunk"], res["recurrent"]):
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+
+
+def test_unit_lower_inverse_matches_triangular_solve():
+    gen = torch.Generator().manual_seed(31)
+    k = F.normalize(torch.randn(3, 64, 32, generator=gen), dim=-1)
+    A = torch.rand(3, 64, 1, generator=gen) * (
+        k @ k.mT
+    )  # beta_i k_i . k_j, full matrix: upper must be ignored
+    ref = torch.linalg.solve_triangular(A, torch.eye(64), upper=False, unitriangular=True)
+    assert rel_rms(chunk_mod._unit_lower_inverse(A), ref) <= 1e-6
+
+
+def test_chunk_matches_recurrent_across_groups(monkeypatch):
+    # one chunk-head per batched group: every group boundary is also a state hand-off in both walks
+    monkeypatch.setattr(chunk_mod, "GROUP_CHUNK_HEADS", 1)
+    inputs = make_inputs(2, 200, 2, 16, 8, seed=3)
+    do, dht = torch.randn(2, 200, 2, 8), torch.randn(2, 2, 16, 8)
+    ref = run_with_grads(ours("recurrent"), inputs, do, dht)
+    got = run_with_grads(ours("chunk"), inputs, do, dht)
+    for name, a, b in zip(NAMES, got, ref):
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+
+
+@pytest.mark.skipif(fla_naive is None, reason="fla-core is not installed")
+@pytest.mark.parametrize("backend", ["recurrent", "chunk"])
+@pytest.mark.parametrize("shape", [(2, 75, 2, 16, 32), (1, 130, 1, 32, 16)], ids=str)
+def test_matches_fla_reference(backend, shape):
+    inputs = make_inputs(*shape, seed=7)
+    B, T, H, K, V = shape
+    do, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+
+    def fla_fn(q, k, v, g, beta, h0):  # note fla's argument order: beta before g
+        return fla_naive(q, k, v, beta, g, initial_state=h0, output_final_state=True)
+
+    ref = run_with_grads(fla_fn, inputs, do, dht)
+    got = run_with_grads(ours(backend), inputs, do, dht)
+    for name, a, b in zip(NAMES, got, ref):
+        assert rel_rms(a, b) <= TOL, f"{backend} {name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "chunk"])
+def test_two_pieces_with_carried_state_equal_one_pass(backend):
+    B, T, H, K, V = 2, 150, 2, 16, 8
+    inputs = make_inputs(B, T, H, K, V, seed=11)
+    do, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+    cut = 70  # neither piece is a multiple of the chunk size
+
+    def two_pieces(q, k, v, g, beta, h0):
+        xs = (q, k, v, g, beta)
+        o1, h1 = gated_delta_rule(
+            *(x[:, :cut] for x in xs), initial_state=h0, output_final_state=True, backend=backend
+        )
+        o2, h2 = gated_delta_rule(
+            *(x[:, cut:] for x in xs), initial_state=h1, output_final_state=True, backend=backend
+        )
+        return torch.cat([o1, o2], dim=1), h2
+
+    ref = run_with_grads(ours(backend), inputs, do, dht)
+    got = run_with_grads(two_pieces, inputs, do, dht)
+    for name, a, b in zip(NAMES, got, ref):
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+
+
+def test_streaming_one_event_at_a_time_equals_chunk_pass():
+    B, T, H, K, V = 2, 20, 2, 8, 8
+    q, k, v, g, beta, h0 = make_inputs(B, T, H, K, V, seed=5)
+    o_ref, h_ref = gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, backend="chunk"
+    )
+    h, outs = h0, []
+    for t in range(T):  # backend="auto" with T=1 is the recurrent step
+        o_t, h = gated_delta_rule(
+            q[:, t : t + 1],
+            k[:, t : t + 1],
+            v[:, t : t + 1],
+            g[:, t : t + 1],
+            beta[:, t : t + 1],
+            initial_state=h,
+            output_final_state=True,
+        )
+        outs.append(o_t)
+    assert rel_rms(torch.cat(outs, dim=1), o_ref) <= TOL
+    assert rel_rms(h, h_ref) <= TOL
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "chunk"])
+def test_pad_positions_leave_state_unchanged(backend):
+    B, T, H, K, V = 2, 90, 2, 8, 16
+    q, k, v, g, beta, h0 = make_inputs(B, T, H, K, V, seed=13)
+    o_ref, h_ref = gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, backend=backend
+    )
+    # insert pads (g = 0, beta = 0, but arbitrary q/k/v as a model would produce) inside and at the end
+    pad = torch.zeros(T + 40, dtype=torch.bool)
+    pad[[0, 5, 6, 7, 40, 63, 64]] = True
+    pad[-33:] = True
+    real = ~pad
+    n_pad = int(pad.sum())
+    fill = make_inputs(B, n_pad, H, K, V, seed=17)
+
+    def with_pads(x, filler):
+        out = x.new_empty(B, T + 40, *x.shape[2:])
+        out[:, real], out[:, pad] = x, filler
+        return out
+
+    padded = [with_pads(x, f) for x, f in zip((q, k, v), fill[:3])]
+    padded += [with_pads(g, torch.zeros(B, n_pad, H)), with_pads(beta, torch.zeros(B, n_pad, H))]
+    o, h = gated_delta_rule(*padded, initial_state=h0, output_final_state=True, backend=backend)
+    assert rel_rms(h, h_ref) <= TOL
+    assert rel_rms(o[:, real], o_ref) <= TOL
+
+
+def test_chunk_function_gradcheck_float64(monkeypatch):
+    # chunk size 4 on T=9: padding, three chunks, and (one chunk-head per group) group hand-offs,
+    # all small enough for finite differences on every input element
+    monkeypatch.setattr(chunk_mod, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(chunk_mod, "GROUP_CHUNK_HEADS", 1)
+    q, k, v, g, beta, h0 = (
+        x.requires_grad_() for x in make_inputs(1, 9, 1, 3, 2, seed=19, dtype=torch.float64)
+    )
+
+    def fn(q, k, v, g, beta, h0):
+        return chunk_mod.ChunkGatedDeltaRuleFunction.apply(q, k, v, g, beta, 0.7, h0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, g, beta, h0), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_float64_stays_float64_and_bf16_returns_bf16():
+    q, k, v, g, beta, h0 = make_inputs(1, 70, 2, 8, 8, seed=23, dtype=torch.float64)
+    o, h = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, backend="chunk")
+    o_ref, h_ref = gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, output_final_state=True, backend="recurrent"
+    )
+    assert o.dtype == h.dtype == torch.float64
+    assert rel_rms(o, o_ref) <= 1e-10 and rel_rms(h, h_ref) <= 1e-10
+
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    o, h = gated_delta_rule(qb, kb, vb, g.float(), beta.float(), output_final_state=True, backend="chunk")
+    o_ref, _ = gated_delta_rule(
+        qb.float(), kb.float(), vb.float(), g.float(), beta.float(), backend="recurrent"
+    )
+    assert o.dtype == torch.bfloat16 and h.dtype == torch.float32  # state kept at full precision
+    assert rel_rms(o, o_ref) <= 1e-2  # only the bf16 rounding of the output
+
+
+class _LiveStorageBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages that ops create inside the mode while Python holds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # data_ptr -> [n live tensors, nbytes]
+        self.live = self.peak = 0
+
+    def _release(self, ptr: int) -> None:
+        entry = self.refs[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr in self.refs:
+                    self.refs[ptr][0] += 1
+                else:
+                    self.refs[ptr] = [1, storage.nbytes()]
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def _chunk_backward_memory(T: int, H: int, K: int, V: int) -> tuple[int, int, int]:
+    """(bytes saved for backward, peak live bytes during backward, input bytes) at B=1."""
+    xs = [x.requires_grad_() for x in make_inputs(1, T, H, K, V, seed=29)[:5]]
+    o, _ = gated_delta_rule(*xs, backend="chunk")
+    saved = sum(t.nbytes for t in o.grad_fn.saved_tensors)
+    do = torch.randn_like(o)
+    with _LiveStorageBytes() as mem:
+        o.backward(do)
+    return saved, mem.peak, sum(x.nbytes for x in xs)
+
+
+def test_chunk_backward_memory_is_linear_in_T():
+    H, K, V = 2, 16, 16
+    # both lengths hold whole groups of chunks, so the per-group temporaries are the same size
+    small = chunk_mod.CHUNK_SIZE * max(1, chunk_mod.GROUP_CHUNK_HEADS // H)
+    large = 4 * small
+    _, peak_s, in_s = _chunk_backward_memory(small, H, K, V)
+    saved_l, peak_l, in_l = _chunk_backward_memory(large, H, K, V)
+    # only the inputs (in chunk layout; `large` needs no padding) and the chunk-boundary states
+    # [N+1, B*H, K, V] are saved
+    n_chunks = large // chunk_mod.CHUNK_SIZE
+    assert saved_l <= in_l + (n_chunks + 1) * H * K * V * 4
+    # the peak grows linearly in T, and by a few copies of the inputs (chunk layout, grads), not by
+    # per-chunk C x C / C x K temporaries for every chunk at once (that would be >10x the inputs here)
+    assert peak_l <= 4.5 * peak_s, (peak_s, peak_l)
+    assert peak_l - peak_s <= 6 * (in_l - in_s), (peak_l - peak_s, in_l - in_s)
+
+
+def test_resolve_backend_auto_on_cpu():
+    q = torch.zeros(1, 1, 1, 4)
+    assert resolve_backend("auto", q) == "recurrent"  # one streaming step: no 64-chunk padding
+    assert resolve_backend("auto", torch.zeros(1, 2, 1, 4)) == "chunk"
+    assert resolve_backend("recurrent", torch.zeros(1, 2, 1, 4)) == "recurrent"
+
+
+def test_fla_backend_on_cpu_fails_clearly():
+    q, k, v, g, beta, _ = make_inputs(1, 4, 1, 4, 4)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        gated_delta_rule(q, k, v, g, beta, backend="fla")
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: a.update(k=a["k"][..., :3]), "k must match q"),
+        (lambda a: a.update(q=a["q"][0]), r"q must be \[B, T, H, K\]"),
+        (lambda a: a.update(v=a["v"][:, :3]), r"v must be \[B, T, H, V\]"),
+        (lambda a: a.update(g=a["g"][..., None]), r"g must be \[B, T, H\]"),
+        (lambda a: a.update(beta=a["beta"][:, :2]), r"beta must be \[B, T, H\]"),
+        (lambda a: a.update(initial_state=a["initial_state"].transpose(-1, -2)), "initial_state must be"),
+        (lambda a: a.update(v=a["v"].double()), "share a dtype"),
+        (lambda a: a.update(beta=a["beta"].long()), "floating-point"),
+        (lambda a: a.update(backend="triton"), "backend='triton' is not one of"),
+    ],
+)
+def test_input_checks(mutate, match):
+    q, k, v, g, beta, h0 = make_inputs(2, 5, 2, 4, 6)
+    args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": h0}
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        gated_delta_rule(**args)
