@@ -4,7 +4,7 @@ A fixed number of tokens per batch (B * T = --tokens), model width d = H * K spl
 like a SinkRec / GDN / SASRec layer would see it. Reports the best of --reps runs (a shared
 machine only ever adds time). Usage:
 
-    python -m sinkrec.ops.bench --lengths 1024 4096 16384 --tokens 16384 --heads 2 --head-dim 32
+    python -m benchmarks.ops --lengths 1024 4096 16384 --tokens 16384 --heads 2 --head-dim 32
 """
 
 from __future__ import annotations
