@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow bench bench-preprocess bench-layer mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow bench bench-preprocess bench-layer bench-ops mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -46,7 +46,7 @@ test: setup
 test-slow: setup
 	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
 
-bench: bench-preprocess bench-layer
+bench: bench-preprocess bench-layer bench-ops
 
 bench-preprocess: data
 	$(PYTHON) -m benchmarks.preprocess
@@ -54,5 +54,33 @@ bench-preprocess: data
 bench-layer: setup
 	$(PYTHON) -m benchmarks.layer
 
+bench-ops: setup
+	$(PYTHON) -m benchmarks.ops
+
 clean:
 	rm -rf data/processed bench_results .pytest_cache checkpoints lightning_logs
+
+# ---- training (sinkrec/cli.py; configs in conf/train/, launchers in jobs/) ----
+# The dataset a training config reads (its data.root: data/processed/<name>) is preprocessed first.
+TRAIN_DATASET = $(shell sed -n 's|^[[:space:]]*root:[[:space:]]*data/processed/\([A-Za-z0-9._-]*\).*|\1|p' $(CONFIG) | head -n 1)
+
+train: setup
+	@test -n "$(TRAIN_DATASET)" || { echo "$(CONFIG): no 'data.root: data/processed/<name>' found"; exit 2; }
+	$(MAKE) --no-print-directory preprocess DATASET=$(TRAIN_DATASET) ARGS=
+	@if [ "$(NNODES)" = 1 ] && [ "$(NPROC)" = 1 ]; then \
+		echo "$(PYTHON) -m sinkrec fit --config $(CONFIG) $(ARGS)"; \
+		$(PYTHON) -m sinkrec fit --config $(CONFIG) $(ARGS); \
+	else \
+		NNODES=$(NNODES) NPROC=$(NPROC) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) \
+		MASTER_PORT=$(MASTER_PORT) PYTHON=$(PYTHON) jobs/torchrun.sh fit --config $(CONFIG) $(ARGS); \
+	fi
+
+train-smoke:
+	$(MAKE) --no-print-directory train CONFIG=conf/train/smoke.yaml
+
+# browsing only: no GenAI job-runner processes, one web worker (a 2-core machine stays usable)
+mlflow-ui: setup
+	@echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)  (store: $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db})"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
+		--backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1

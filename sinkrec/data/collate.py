@@ -1,0 +1,113 @@
+"""Per-user examples for each stage of the split protocol, and left-padded batches (CONTRACTS §2).
+
+One rule serves every stage. A user's events e_0..e_{n-1} (oldest first) give a sequence
+`seq = e[:end]` and target positions `j in [first, end)`: the model reads `seq[:j]` and must rank
+`seq[j]`. The window keeps the most recent `max_len` inputs, so inputs = seq[w:end-1],
+targets = seq[w+1:end] with w = max(0, end - 1 - max_len).
+
+    stage      leave_one_out                 time_cutoff (valid_ts, test_ts)
+    train      end = n-2, first = 1          end = #(ts < valid_ts), first = 1
+    valid      end = n-1, first = n-2        end = #(ts < test_ts),  first = #(ts < valid_ts)
+    test       end = n,   first = n-1        end = n,                first = #(ts < test_ts)
+    predict    inputs = the last max_len events, no target
+
+So leave-one-out trains on all but the last two events, validates on the second-last and tests on
+the last, each with its full prior history (up to `max_len`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+Stage = Literal["train", "valid", "test", "predict"]
+NO_KIND = -1  # target_kind where there is no target or the dataset has no `kind` column
+
+
+def stage_bounds(
+    lengths: np.ndarray, ts_counts: dict[str, np.ndarray] | None, stage: Stage, split: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per user (end, first) as in the module docstring; `ts_counts` = #(ts < cut-off) per user."""
+    n = lengths.astype(np.int64)
+    if stage == "predict":
+        return n + 1, n + 1  # inputs = the whole history; `first == end` means no target
+    if split["protocol"] == "leave_one_out":
+        end = {"train": n - 2, "valid": n - 1, "test": n}[stage]
+        first = np.ones_like(n) if stage == "train" else end - 1
+        return end, first
+    assert ts_counts is not None
+    if stage == "train":
+        end = ts_counts["valid_ts"]
+        return end, np.ones_like(n)
+    if stage == "valid":
+        return ts_counts["test_ts"], ts_counts["valid_ts"]
+    return n, ts_counts["test_ts"]
+
+
+def eligible(end: np.ndarray, first: np.ndarray, stage: Stage) -> np.ndarray:
+    """Users with at least one target that has at least one event of history."""
+    if stage == "predict":
+        return end > 1  # at least one event to read
+    return (first >= 1) & (end > first)
+
+
+def make_example(
+    items: np.ndarray,
+    ts: np.ndarray,
+    kind: np.ndarray | None,
+    end: int,
+    first: int,
+    max_len: int,
+    user_idx: int,
+    valid: bool,
+) -> dict[str, Any]:
+    if first >= end:  # predict: read the last max_len events, no target
+        lo = max(0, len(items) - max_len)
+        x, t = items[lo:], ts[lo:]
+        return {"items": x, "ts": t, "targets": np.zeros_like(x), "kind": None,
+                "user_idx": user_idx, "valid": valid}
+    w = max(0, end - 1 - max_len)
+    x, t = items[w : end - 1], ts[w : end - 1]
+    y = items[w + 1 : end].copy()
+    pos = np.arange(w + 1, end)
+    y[pos < first] = 0  # positions before the first target are history only
+    k = None
+    if kind is not None:
+        k = kind[w + 1 : end].astype(np.int64)
+        k[y == 0] = NO_KIND
+    return {"items": x, "ts": t, "targets": y, "kind": k, "user_idx": user_idx, "valid": valid}
+
+
+def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack examples into LEFT-padded tensors: the most recent event sits at index -1.
+
+    Returns items/ts/targets [B, T] int64 (0 = pad / no target), target_kind [B, T] int64
+    (-1 = none), user_idx [B] int64, valid [B] bool. Rows with valid=False are rank-balancing
+    repeats (see datamodule.RankUserSampler): their targets are zeroed so they count nowhere.
+    """
+    B = len(examples)
+    T = max(1, max(len(e["items"]) for e in examples))
+    items = torch.zeros(B, T, dtype=torch.long)
+    ts = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.zeros(B, T, dtype=torch.long)
+    kind = torch.full((B, T), NO_KIND, dtype=torch.long)
+    for b, e in enumerate(examples):
+        L = len(e["items"])
+        if L == 0:
+            continue
+        items[b, T - L :] = torch.from_numpy(np.asarray(e["items"], dtype=np.int64))
+        ts[b, T - L :] = torch.from_numpy(np.asarray(e["ts"], dtype=np.int64))
+        if e["valid"]:
+            targets[b, T - L :] = torch.from_numpy(np.asarray(e["targets"], dtype=np.int64))
+            if e["kind"] is not None:
+                kind[b, T - L :] = torch.from_numpy(e["kind"])
+    return {
+        "items": items,
+        "ts": ts,
+        "targets": targets,
+        "target_kind": kind,
+        "user_idx": torch.tensor([e["user_idx"] for e in examples], dtype=torch.long),
+        "valid": torch.tensor([e["valid"] for e in examples], dtype=torch.bool),
+    }

@@ -1,0 +1,162 @@
+"""Exact full-ranking metrics over the whole catalogue, in item chunks, summed across ranks.
+
+Protocol (HSTU's): every item 1..N is a candidate; the pad item 0 never is. History items stay
+candidates unless `exclude_history` is set (then the target itself is never excluded).
+
+Ties count AGAINST the target:  rank = 1 + #{i in candidates, i != target : s_i >= s_target}.
+So a model that scores everything equal gets rank N, not 1. Per target:
+    HR@k = [rank <= k]    NDCG@k = [rank <= k] / log2(rank + 1)    MRR = 1 / rank (untruncated)
+With k >= N every target is a hit (HR@k = 1).
+
+Scores are computed `chunk_size` items at a time, so memory is O(n_targets * chunk_size), never
+users x items. The target's own score is read from the same chunked matmul that scores the other
+items (not from a separate dot product), so exactly equal embeddings give exactly equal scores.
+Across ranks, per-rank SUMS and COUNTS are all-reduced, then divided: exact, not an average of
+per-rank averages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+KIND_GROUPS = {1: "habit", 0: "dynamic"}  # SinkBench target kinds (CONTRACTS §1 side column `kind`)
+
+
+def _chunks(num_items: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    for lo in range(1, num_items + 1, chunk_size):
+        yield lo, min(lo + chunk_size, num_items + 1)
+
+
+def _chunk_scores(h: torch.Tensor, table: torch.Tensor, lo: int, hi: int, targets: torch.Tensor,
+                  exclude: torch.Tensor | None) -> torch.Tensor:
+    """Scores of items lo..hi-1 [n, hi - lo]; excluded history items (except the target) -> -inf."""
+    s = h @ table[lo:hi].t()
+    if exclude is not None:
+        hit = (exclude >= lo) & (exclude < hi) & (exclude != targets[:, None])  # [n, H]
+        rows, cols = hit.nonzero(as_tuple=True)
+        s[rows, exclude[rows, cols] - lo] = float("-inf")
+    return s
+
+
+@torch.no_grad()
+def target_ranks(
+    hidden: torch.Tensor,
+    table: torch.Tensor,
+    targets: torch.Tensor,
+    exclude: torch.Tensor | None = None,
+    chunk_size: int = 8192,
+) -> torch.Tensor:
+    """Rank of each target among all items 1..N (ties against the target; see module docstring).
+
+    Args:
+        hidden: [n, D] query vectors, one per target.
+        table: [N + 1, D] item table; row 0 is padding and never a candidate.
+        targets: [n] item ids in 1..N.
+        exclude: optional [n, H] item ids (0 = none) removed from the candidates of each row
+            (the user's history); the target itself is never removed.
+        chunk_size: items scored per matmul.
+    Returns:
+        ranks: [n] int64 in 1..N.
+    """
+    n, N = targets.shape[0], table.shape[0] - 1
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=targets.device)
+    if targets.min() < 1 or targets.max() > N:
+        raise ValueError(f"target ids must lie in 1..{N}, got [{int(targets.min())}, {int(targets.max())}]")
+    h = hidden.to(table.dtype)
+    chunks = list(_chunks(N, chunk_size))
+    cached = None
+    # pass 1: the target's score, taken from the same matmul that scores its neighbours
+    tgt = torch.empty(n, dtype=h.dtype, device=h.device)
+    for lo, hi in chunks:
+        inside = (targets >= lo) & (targets < hi)
+        if not inside.any():
+            continue
+        s = _chunk_scores(h, table, lo, hi, targets, exclude)
+        if len(chunks) == 1:
+            cached = s
+        tgt[inside] = s[inside, targets[inside] - lo]
+    # pass 2: count the other candidates scoring >= the target (the target itself is one of them)
+    ge = torch.zeros(n, dtype=torch.long, device=h.device)
+    for lo, hi in chunks:
+        s = cached if cached is not None else _chunk_scores(h, table, lo, hi, targets, exclude)
+        ge += (s >= tgt[:, None]).sum(1)
+    ranks = ge  # = 1 + #others >= target, since the target counts itself once
+    # a NaN target score compares False everywhere: count it as the worst rank, never as a hit
+    return torch.where(torch.isnan(tgt), torch.full_like(ranks, N), ranks.clamp_min(1))
+
+
+def metric_names(ks: Sequence[int]) -> list[str]:
+    return [f"hr_{k}" for k in ks] + [f"ndcg_{k}" for k in ks] + ["mrr"]
+
+
+def rank_sums(ranks: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Per-metric sums over targets, float64 [len(metric_names(ks))] (divide by the count later)."""
+    r = ranks.double()
+    hr = [(r <= k).double().sum() for k in ks]
+    ndcg = [((r <= k).double() / torch.log2(r + 1.0)).sum() for k in ks]
+    return torch.stack([*hr, *ndcg, (1.0 / r).sum()]) if len(r) else torch.zeros(2 * len(ks) + 1,
+                                                                                  dtype=torch.float64)
+
+
+class RankingAccumulator:
+    """Sums of HR/NDCG/MRR and target counts per group ("all", and per SinkBench kind when present)."""
+
+    def __init__(self, ks: Sequence[int] = (10, 50, 200)) -> None:
+        self.ks = tuple(ks)
+        self.names = metric_names(self.ks)
+        self.reset()
+
+    def reset(self) -> None:
+        groups = ["all", *KIND_GROUPS.values()]
+        self.sums = {g: torch.zeros(len(self.names) + 1, dtype=torch.float64) for g in groups}  # last = count
+
+    def update(self, ranks: torch.Tensor, kinds: torch.Tensor | None = None) -> None:
+        ranks = ranks.detach().cpu()
+        self._add("all", ranks)
+        if kinds is not None:
+            kinds = kinds.detach().cpu()
+            for code, group in KIND_GROUPS.items():
+                self._add(group, ranks[kinds == code])
+
+    def _add(self, group: str, ranks: torch.Tensor) -> None:
+        self.sums[group][:-1] += rank_sums(ranks, self.ks)
+        self.sums[group][-1] += len(ranks)
+
+    def compute(self, all_reduce=None) -> dict[str, float]:
+        """{"hr_10": ..., "count": ..., "habit/hr_10": ...}. `all_reduce(t) -> t` sums across ranks."""
+        groups = list(self.sums)
+        stacked = torch.stack([self.sums[g] for g in groups])  # [G, M + 1]
+        if all_reduce is not None:
+            stacked = all_reduce(stacked)
+        out: dict[str, float] = {}
+        for g, row in zip(groups, stacked):
+            count = float(row[-1])
+            if g != "all" and count == 0:
+                continue  # no kinds in this dataset
+            prefix = "" if g == "all" else f"{g}/"
+            for name, total in zip(self.names, row[:-1]):
+                out[prefix + name] = float(total) / count if count else math.nan
+            out[prefix + "count"] = count
+        return out
+
+
+@torch.no_grad()
+def top_k(hidden: torch.Tensor, table: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+          chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best k items (ids 1..N) per row, chunk by chunk: (scores [n, k], item ids [n, k])."""
+    n, N = hidden.shape[0], table.shape[0] - 1
+    k = min(k, N)
+    best_s = hidden.new_full((n, 0), float("-inf"))
+    best_i = torch.zeros(n, 0, dtype=torch.long, device=hidden.device)
+    no_target = torch.zeros(n, dtype=torch.long, device=hidden.device)
+    for lo, hi in _chunks(N, chunk_size):
+        s = _chunk_scores(hidden.to(table.dtype), table, lo, hi, no_target, exclude)
+        ids = torch.arange(lo, hi, device=hidden.device).expand(n, -1)
+        cand_s, cand_i = torch.cat([best_s, s], 1), torch.cat([best_i, ids], 1)
+        best_s, idx = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+        best_i = cand_i.gather(1, idx)
+    return best_s, best_i

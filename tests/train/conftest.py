@@ -1,0 +1,93 @@
+"""Fixtures: a tiny processed dataset directory written exactly per docs/CONTRACTS.md §1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_processed(
+    root: Path,
+    *,
+    name: str = "tiny",
+    n_users: int = 60,
+    num_items: int = 40,
+    n_shards: int = 3,
+    min_len: int = 4,
+    max_len: int = 30,
+    kind: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write `root/` with manifest.json, shards/, items.parquet, users.parquet (leave-one-out split).
+
+    Users get a learnable pattern (item i tends to follow item i-1), so a model can beat chance.
+    """
+    rng = np.random.default_rng(seed)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    rows: list[list[dict]] = [[] for _ in range(n_shards)]
+    events = 0
+    for u in range(n_users):
+        n = int(rng.integers(min_len, max_len + 1))
+        start = int(rng.integers(1, num_items + 1))
+        items = [(start + t - 1) % num_items + 1 if rng.random() < 0.8 else int(rng.integers(1, num_items + 1))
+                 for t in range(n)]
+        ts = np.cumsum(rng.integers(0, 5000, n)).astype(np.int64) + 1_000_000
+        row = {"user_idx": u, "item_idx": items, "ts": ts.tolist()}
+        if kind:
+            row["kind"] = rng.integers(0, 2, n).tolist()
+        rows[u % n_shards].append(row)
+        events += n
+    fields = [pa.field("user_idx", pa.int64()), pa.field("item_idx", pa.list_(pa.int32())),
+              pa.field("ts", pa.list_(pa.int64()))]
+    if kind:
+        fields.append(pa.field("kind", pa.list_(pa.int8())))
+    schema = pa.schema(fields)
+    shards = []
+    for s, shard_rows in enumerate(rows):
+        rel = f"shards/part-{s:05d}.parquet"
+        table = pa.Table.from_pylist(shard_rows, schema=schema)
+        pq.write_table(table, root / rel)
+        shards.append({"path": rel, "rows": len(shard_rows), "events": sum(len(r["item_idx"]) for r in shard_rows),
+                       "sha256": _sha(root / rel)})
+    pq.write_table(pa.table({"item_idx": pa.array(range(1, num_items + 1), pa.int32()),
+                             "raw_item_id": [str(i) for i in range(1, num_items + 1)]}), root / "items.parquet")
+    pq.write_table(pa.table({"user_idx": pa.array(range(n_users), pa.int64()),
+                             "raw_user_id": [str(u) for u in range(n_users)]}), root / "users.parquet")
+    manifest = {
+        "format_version": 1,
+        "name": name,
+        "sources": [],
+        "config": {"fixture": "tests/train/conftest.py"},
+        "steps": [],
+        "counts": {"events": events, "users": n_users, "items": num_items},
+        "num_items": num_items,
+        "side_columns": ["kind"] if kind else [],
+        "shards": shards,
+        "split": {"protocol": "leave_one_out"},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_processed(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_kind_data(tmp_path_factory) -> Path:
+    return make_processed(tmp_path_factory.mktemp("data") / "tiny_kind", name="tiny-kind", kind=True)
