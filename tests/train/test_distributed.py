@@ -76,7 +76,7 @@ def test_two_nodes_disjoint_users_and_same_metrics_as_one_process(tiny_kind_data
 
 
 @pytest.mark.dist
-@pytest.mark.slow  # ~40 s, plus ~45 s the first time DeepSpeed compiles its C++ ops
+# ~40 s, plus ~45 s the first time DeepSpeed compiles its C++ ops into TORCH_EXTENSIONS_DIR
 def test_deepspeed_zero2_matches_ddp_on_cpu(tiny_data, tmp_path):
     """The real model and conf/deepspeed/zero2.json through deepspeed.initialize (2 ranks, gloo)."""
     out = tmp_path / "parity.json"
