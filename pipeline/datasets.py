@@ -8,13 +8,14 @@ The data is GroupLens's (research use only). It is downloaded into `data/raw/` a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.manifest import sha256_of
 
 RAW_DIR = Path("data/raw")
 
@@ -56,14 +57,6 @@ DATASETS: dict[str, Dataset] = {
 
 class FetchError(RuntimeError):
     pass
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def files(name: str, raw_dir: Path = RAW_DIR) -> list[Path]:

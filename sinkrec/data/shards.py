@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,20 +15,14 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1
+from pipeline.manifest import sha256_of  # one definition of the hash the manifest records
+from pipeline.schema import FORMAT_VERSION
+
 REQUIRED_COLUMNS = ("user_idx", "item_idx", "ts")
 
 
 class ShardError(RuntimeError):
     """A processed directory that does not match its manifest (or the contract)."""
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
