@@ -34,8 +34,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev,gpu]'
 	@touch $(STAMP)
 
+SINKBENCH_RAW := data/raw/sinkbench/events.parquet
+
 data: setup
 	$(PYTHON) -m pipeline.datasets fetch
+	@if [ "$(DATASET)" = sinkbench ]; then $(MAKE) --no-print-directory $(SINKBENCH_RAW); fi
+
+# The default SinkBench log (conf/pipeline/sinkbench.yaml); deterministic, so made once.
+$(SINKBENCH_RAW):
+	$(PYTHON) -m pipeline.synth --users 3000 --items 2000 --seed 0 --out $@
 
 preprocess: data
 	$(PYTHON) -m pipeline --config $(PIPELINE_CONFIG) $(ARGS)
