@@ -2,8 +2,13 @@
 
 Given the final delta-rule state S_T ([K, V] per head, fla layout: keys index rows) and the
 positions R whose item recurs >= m times in the sequence:
-    occupancy   O = ||P_R S_T||_F^2 / ||S_T||_F^2, P_R = projector onto span{k_t : t in R},
-                to compare with the repeated share |R| / T (O >> |R|/T: repeats hog the state)
+    occupancy   O = ||P_R S_T||_F^2 / ||S_T||_F^2, P_R = projector onto the span of the repeated
+                items' keys, to compare with the repeated share |R| / T (O >> |R|/T: repeats hog
+                the state). Departure from the spec's span{k_t : t in R}: each repeated item
+                contributes ONE direction, the mean of its keys. With a few hundred repeated
+                positions and K = 32 the per-position keys (each shaped by its own conv context)
+                span all of R^K, so the spec's O is 1 for every model and measures nothing
+                (seen on SinkBench: 1.0 for SinkRec and GDN alike).
     eff. rank   exp(H(sigma / ||sigma||_1)) of S_T's singular values
     read bias   mean over real t of cos(o_t, mean_{t in R} v_t)
 Functions take one layer's tensors for a batch and return per-(sequence, head) values.
@@ -21,15 +26,23 @@ def repeated_mask(items: torch.Tensor, min_repeats: int = 3) -> torch.Tensor:
     return real & (counts >= min_repeats)
 
 
-def occupancy(S: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, rank_tol: float = 1e-4) -> torch.Tensor:
-    """S [B, H, K, V], k [B, T, H, K], rep [B, T] -> O [B, H] (NaN where a row has no repeats)."""
+def occupancy(S: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, items: torch.Tensor | None = None,
+              rank_tol: float = 1e-4) -> torch.Tensor:
+    """S [B, H, K, V], k [B, T, H, K], rep [B, T], items [B, T] | None -> O [B, H] (NaN where a row
+    has no repeats). With `items`, the subspace is spanned by each repeated item's mean key;
+    without, by every repeated position's key."""
     B, H = S.shape[:2]
     out = torch.full((B, H), float("nan"), device=S.device)
     for b in range(B):
         if not rep[b].any():
             continue
+        if items is not None:
+            _, group = torch.unique(items[b, rep[b]], return_inverse=True)  # [n_R] -> distinct item index
+            n_items = int(group.max()) + 1
         for h in range(H):
             keys = k[b, rep[b], h].float()  # [n_R, K]
+            if items is not None:  # one direction per repeated item: the mean of its keys
+                keys = torch.zeros(n_items, keys.shape[-1], device=keys.device).index_add_(0, group, keys)
             _, s, vh = torch.linalg.svd(keys, full_matrices=False)
             basis = vh[s > rank_tol * s.max().clamp_min(1e-12)]  # [r, K] orthonormal rows
             Sbh = S[b, h].float()
@@ -77,7 +90,7 @@ def sink_diagnostics(model: torch.nn.Module, items: torch.Tensor, ts: torch.Tens
     share = (rep.sum(1).float() / mask.sum(1).clamp_min(1).float())[has_rep].mean().item()
     occ, erank, bias = [], [], []
     for rec in out.states:
-        occ.append(torch.nanmean(occupancy(rec["S"], rec["k"], rep)).item())
+        occ.append(torch.nanmean(occupancy(rec["S"], rec["k"], rep, items)).item())
         erank.append(effective_rank(rec["S"]).mean().item())
         bias.append(torch.nanmean(readout_bias(rec["o"], rec["v"], rep, mask)).item())
     mean = lambda xs: sum(xs) / len(xs)

@@ -27,6 +27,22 @@ def test_occupancy_of_known_subspace():
     assert torch.isnan(occupancy(S, k, torch.zeros(1, 3, dtype=torch.bool))).all()
 
 
+def test_occupancy_with_items_uses_one_direction_per_repeated_item():
+    torch.manual_seed(0)
+    K, V, T = 8, 4, 40
+    S = torch.randn(1, 1, K, V)
+    e0, e1 = torch.eye(K)[0], torch.eye(K)[1]
+    items = torch.tensor([[1, 2] * (T // 2)])  # two items, each repeated 20 times
+    k = torch.where((items == 1)[..., None], e0, e1)[:, :, None].clone()  # [1, T, 1, K]
+    k += 0.05 * torch.randn_like(k)  # every occurrence's key differs a little (its conv context)
+    rep = torch.ones(1, T, dtype=torch.bool)
+    # per-position keys span all of R^K, so the spec's literal definition saturates at 1
+    torch.testing.assert_close(occupancy(S, k, rep), torch.ones(1, 1))
+    # per-item mean keys span ~{e0, e1}: the state's energy on those two rows
+    expected = S[0, 0, :2].pow(2).sum() / S[0, 0].pow(2).sum()
+    torch.testing.assert_close(occupancy(S, k, rep, items)[0, 0], expected, atol=0.03, rtol=0)
+
+
 def test_effective_rank_bounds():
     eye = torch.eye(4)[None, None]  # 4 equal singular values
     torch.testing.assert_close(effective_rank(eye), torch.tensor([[4.0]]))
