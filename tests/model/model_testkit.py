@@ -53,3 +53,14 @@ def habit_drift_batch(B: int, T: int, N: int, seed: int = 0) -> tuple[torch.Tens
 def make(arch: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     return build_model(tiny_config(arch, **overrides))
+
+
+def train_next_item(model, items: torch.Tensor, ts: torch.Tensor, steps: int, lr: float) -> None:
+    """`steps` Adam steps of next-item prediction on one batch (inputs items[:, :-1], targets items[:, 1:])."""
+    inputs, targets = items[:, :-1], items[:, 1:]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss, _ = model.loss(model(inputs, ts[:, :-1]), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()

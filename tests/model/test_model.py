@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from model_testkit import left_pad, make, random_batch, tiny_config
+from model_testkit import left_pad, make, random_batch, tiny_config, train_next_item
 
 from sinkrec.losses import full_softmax_loss
 from sinkrec.model import ModelOutput, SASRec, SinkRec, build_model, time_features
@@ -211,10 +211,5 @@ def test_sampled_loss_lowers_the_full_softmax_loss():
             return full_softmax_loss(model(inputs, ts[:, :-1]).hidden, table(), targets).item()
 
     before = full_ce()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        loss, _ = model.loss(model(inputs, ts[:, :-1]), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_next_item(model, items, ts, steps=40, lr=1e-2)
     assert full_ce() < before - 0.5

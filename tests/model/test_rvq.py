@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_testkit import habit_drift_batch, make
+from model_testkit import habit_drift_batch, make, train_next_item
 
 from sinkrec.modules import RVQMemory, rvq_encode
 
@@ -47,13 +47,7 @@ def test_ema_moves_codes_to_cluster_means_and_restarts_dead_codes():
 def test_codebook_utilisation_after_training_on_habit_drift_data():
     model = make("sinkrec", num_items=60, n_codes=16)
     items, ts = habit_drift_batch(B=16, T=40, N=60, seed=0)
-    inputs, targets = items[:, :-1], items[:, 1:]
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        loss, _ = model.loss(model(inputs, ts[:, :-1]), targets)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_next_item(model, items, ts, steps=40, lr=3e-3)
     model.eval()
     test_items, test_ts = habit_drift_batch(B=16, T=40, N=60, seed=1)
     out = model(test_items, test_ts, return_states=True)
