@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow bench bench-preprocess bench-layer bench-ops mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow bench bench-preprocess bench-layer bench-ops bench-crosscheck mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -63,6 +63,11 @@ bench-layer: setup
 
 bench-ops: setup
 	$(PYTHON) -m benchmarks.ops
+
+# our SASRec vs RecBole 1.2.1's (fetched from PyPI at run time) on the same batches; not part of `bench`
+CROSSCHECK_EPOCHS ?= 10
+bench-crosscheck: setup
+	$(PYTHON) -m benchmarks.sasrec_crosscheck --epochs $(CROSSCHECK_EPOCHS) $(ARGS)
 
 clean:
 	rm -rf data/processed bench_results .pytest_cache checkpoints lightning_logs
