@@ -17,7 +17,7 @@ from torch import nn
 from sinkrec.layers import SinkRecBlock
 from sinkrec.layers.fused_gates import GATE_BACKENDS
 from sinkrec.losses import full_softmax_loss, sampled_softmax_loss
-from sinkrec.modules import RMSNorm, SwiGLU
+from sinkrec.modules import RMSNorm, SwiGLU, l2norm
 
 ARCHS = ("sinkrec", "gdn", "sasrec")
 
@@ -42,8 +42,11 @@ class SinkRecConfig:
     ema_decay: float = 0.99  # EMA decay of the codebook statistics
     time_scale: float = 3600.0  # seconds; phi = log1p(dt / time_scale)
     conv_size: int = 4  # short causal conv kernel (q/k/v) and local-pattern window of the memory
-    loss: str = "full"  # "full" softmax over all items | "sampled" (in-batch + uniform, logQ)
-    num_negatives: int = 256  # uniform negatives per batch for loss="sampled"
+    loss: str = "full"  # "full" softmax over all items | "sampled" (shared uniform negatives)
+    num_negatives: int = 256  # uniform negatives the batch shares, for loss="sampled"
+    in_batch_negatives: bool = False  # loss="sampled": also the batch's targets as negatives (logQ-corrected)
+    temperature: float = 1.0  # logits are divided by it (training loss only; ranking is unaffected)
+    l2_norm: bool = False  # score with unit-norm query and item vectors (cosine); HSTU's recipe
     kernel_backend: str = "auto"  # delta-rule backend: "auto" | "chunk" | "recurrent" | "fla"
     gate_backend: str = "auto"  # fused gates: "reference" | "compile" | "triton" | "auto"
     init_std: float = 0.02  # std of the item / position / loop embeddings
@@ -55,6 +58,9 @@ class SinkRecConfig:
             raise ValueError(f"SinkRecConfig.num_items={self.num_items} must be >= 1 (link it from the data)")
         if self.loss not in ("full", "sampled"):
             raise ValueError(f"SinkRecConfig.loss={self.loss!r} must be 'full' or 'sampled'")
+        if self.temperature <= 0 or self.num_negatives < 1:
+            raise ValueError(f"SinkRecConfig: temperature={self.temperature} and num_negatives="
+                             f"{self.num_negatives} must be > 0")
         if self.d_model % self.n_heads:
             raise ValueError(f"SinkRecConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.kernel_backend not in ("auto", "chunk", "recurrent", "fla"):
@@ -95,22 +101,22 @@ class SeqRecModel(nn.Module):
             self.item_emb.weight[0].zero_()
 
     def item_embeddings(self) -> torch.Tensor:
-        """Tied table [N + 1, D]; row 0 is padding and never a valid prediction."""
-        return self.item_emb.weight
+        """Tied table [N + 1, D] that queries are scored against (unit rows with `l2_norm`);
+        row 0 is padding and never a valid prediction."""
+        return self.head_norm(self.item_emb.weight)
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., D] -> scores [..., N + 1] over the whole catalogue; column 0 = -inf."""
-        s = hidden @ self.item_emb.weight.t()
-        s[..., 0] = float("-inf")
-        return s
+    def head_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The scoring space: with `l2_norm`, scores are cosines (both sides unit-norm)."""
+        return l2norm(x) if self.cfg.l2_norm else x
 
     def loss(self, out: ModelOutput, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """targets [B, T] (0 = ignore) -> (CE + aux_loss, {"ce", "aux"})."""
-        table = self.item_embeddings()
-        if self.cfg.loss == "full":
-            ce = full_softmax_loss(out.hidden, table, targets)
+        table, c = self.item_embeddings(), self.cfg
+        if c.loss == "full":
+            ce = full_softmax_loss(out.hidden, table, targets, c.temperature)
         else:
-            ce = sampled_softmax_loss(out.hidden, table, targets, self.cfg.num_negatives)
+            ce = sampled_softmax_loss(out.hidden, table, targets, c.num_negatives, c.temperature,
+                                      in_batch=c.in_batch_negatives)
         return ce + out.aux_loss, {"ce": ce.detach(), "aux": out.aux_loss.detach()}
 
 
@@ -150,7 +156,7 @@ class SinkRec(SeqRecModel):
                 commit = commit + c
                 if return_states:
                     states.append(record)
-        hidden = self.norm_f(h) * keep
+        hidden = self.head_norm(self.norm_f(h)) * keep
         n_passes = self.cfg.n_loops * self.cfg.n_blocks
         aux = self.cfg.commit_weight * commit / n_passes if self.cfg.memory else commit
         return ModelOutput(hidden, aux, states)
@@ -188,7 +194,7 @@ class SinkRec(SeqRecModel):
             "has_prev": state["has_prev"] | valid,
             "passes": caches,
         }
-        return self.norm_f(h) * keep, new_state
+        return self.head_norm(self.norm_f(h)) * keep, new_state
 
 
 class CausalSelfAttention(nn.Module):
@@ -257,7 +263,7 @@ class SASRec(SeqRecModel):
         attn_mask = attn_mask[:, None]  # [B, 1, T, T], broadcast over heads
         for block in self.blocks:
             h = block(h, attn_mask) * keep
-        return ModelOutput(self.norm_f(h) * keep, h.new_zeros(()), None)
+        return ModelOutput(self.head_norm(self.norm_f(h)) * keep, h.new_zeros(()), None)
 
     # ---- streaming ----
     # End-aligned positions re-index every past event when a new one arrives, so keys/values
