@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow bench bench-preprocess bench-layer bench-ops bench-crosscheck mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -52,6 +52,10 @@ test: setup
 
 test-slow: setup
 	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: no test is marked slow right now
+
+# the default suite under each ATEN_CPU_CAPABILITY this CPU has (default, avx2, avx512) x OMP_NUM_THREADS 1, 2
+test-portability: setup
+	PYTHON=$(PYTHON) PYTEST_ARGS="$(PYTEST_ARGS)" .ci/portability
 
 bench: bench-preprocess bench-layer bench-ops
 
