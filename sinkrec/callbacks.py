@@ -156,9 +156,12 @@ class MLflowArtifacts(Callback):
     def _write_metrics(self, trainer: pl.Trainer, stage: str) -> None:
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        names = (stage, f"{stage}_seen_excluded")  # both ranking conventions (see SeqRecModule)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.split("/")[0] in names}
         # ranking metrics at full float64 precision (callback_metrics holds float32 copies)
-        metrics.update(getattr(trainer.lightning_module, "final_metrics", {}).get(stage, {}))
+        final = getattr(trainer.lightning_module, "final_metrics", {})
+        for name in names:
+            metrics.update(final.get(name, {}))
         logger = mlflow_logger(trainer)
         payload = {"stage": stage, "metrics": metrics,
                    "run_id": logger.run_id if logger else None,

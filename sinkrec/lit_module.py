@@ -18,6 +18,9 @@ from sinkrec.metrics import RankingAccumulator, target_ranks, top_k
 from sinkrec.model import SinkRecConfig, build_model
 
 
+SCORED_STAGES = ("val", "val_seen_excluded", "test", "test_seen_excluded")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate (after warm-up)
@@ -31,7 +34,7 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])  # cut-offs of HR@k and NDCG@k
-    exclude_history: bool = False  # HSTU protocol keeps history items as candidates
+    exclude_history: bool = False  # predict: drop the user's history from the top-k (val/test log both ways)
     chunk_size: int = 8192  # items scored per matmul in full ranking
     diagnostics: bool = True  # sink diagnostics on the first validation batch (rank 0)
     diag_min_repeats: int = 3  # an item is "repeated" when it occurs >= this often (SINKREC.md §7)
@@ -78,7 +81,9 @@ class SeqRecModule(pl.LightningModule):
         self.save_hyperparameters({"config": dataclasses.asdict(config), "optim": dataclasses.asdict(self.optim),
                                    "evaluation": dataclasses.asdict(self.evaluation)}, logger=False)
         self.model = build_model(config)
-        self.acc = {s: RankingAccumulator(self.evaluation.ks) for s in ("val", "test")}
+        # "{stage}" keeps history items as candidates (HSTU's protocol); "{stage}_seen_excluded" removes
+        # them (SASRec+ / eSASRec's). Both come from the same forward pass, so they compare like for like.
+        self.acc = {s: RankingAccumulator(self.evaluation.ks) for s in SCORED_STAGES}
         self.final_metrics: dict[str, dict[str, float]] = {}  # exact float64 values of the last epoch
 
     def forward(self, items: torch.Tensor, ts: torch.Tensor):
@@ -96,21 +101,20 @@ class SeqRecModule(pl.LightningModule):
             self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, batch_size=B,
                      sync_dist=not on_step)
         if stage != "train":
-            self._rank(out.hidden, batch, self.acc[stage])
+            self._rank(out.hidden, batch, stage)
         return loss
 
-    def _rank(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], acc: RankingAccumulator) -> None:
+    def _rank(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], stage: str) -> None:
         targets = batch["targets"]
         rows, pos = (targets > 0).nonzero(as_tuple=True)  # one entry per target
-        exclude = None
-        if self.evaluation.exclude_history:
-            T = targets.shape[1]
-            seen = torch.arange(T, device=targets.device)[None, :] <= pos[:, None]  # history up to the query
-            exclude = batch["items"][rows] * seen  # [n, T], 0 = none
-        ranks = target_ranks(hidden[rows, pos], self.model.item_embeddings().detach(), targets[rows, pos],
-                             exclude, self.evaluation.chunk_size)
+        T = targets.shape[1]
+        seen = torch.arange(T, device=targets.device)[None, :] <= pos[:, None]  # history up to the query
         kinds = batch["target_kind"][rows, pos]
-        acc.update(ranks, kinds if (kinds >= 0).any() else None)
+        kinds = kinds if (kinds >= 0).any() else None
+        table = self.model.item_embeddings().detach()
+        for name, exclude in ((stage, None), (f"{stage}_seen_excluded", batch["items"][rows] * seen)):
+            ranks = target_ranks(hidden[rows, pos], table, targets[rows, pos], exclude, self.evaluation.chunk_size)
+            self.acc[name].update(ranks, kinds)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -137,18 +141,23 @@ class SeqRecModule(pl.LightningModule):
         return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
 
     def _log_ranking(self, stage: str) -> None:
-        metrics = self.acc[stage].compute(self._all_reduce_sum)
+        for name in (stage, f"{stage}_seen_excluded"):
+            metrics = self.acc[name].compute(self._all_reduce_sum)
+            self.acc[name].reset()
+            self.final_metrics[name] = {f"{name}/{k}": v for k, v in metrics.items()}
+            # already global: identical on every rank, so no further sync (EarlyStopping reads it everywhere)
+            for k, v in metrics.items():
+                self.log(f"{name}/{k}", v, prog_bar=name == stage and k in ("ndcg_10", "hr_10"), sync_dist=False)
+
+    def _reset(self, stage: str) -> None:
         self.acc[stage].reset()
-        self.final_metrics[stage] = {f"{stage}/{k}": v for k, v in metrics.items()}
-        # already global: identical on every rank, so no further sync (EarlyStopping reads it everywhere)
-        for k, v in metrics.items():
-            self.log(f"{stage}/{k}", v, prog_bar=k in ("ndcg_10", "hr_10"), sync_dist=False)
+        self.acc[f"{stage}_seen_excluded"].reset()
 
     def on_validation_epoch_start(self) -> None:
-        self.acc["val"].reset()
+        self._reset("val")
 
     def on_test_epoch_start(self) -> None:
-        self.acc["test"].reset()
+        self._reset("test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_ranking("val")

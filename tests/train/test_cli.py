@@ -53,6 +53,7 @@ def trained(tiny_kind_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.trains
 def test_fit_then_test_logged_to_mlflow(trained, tiny_kind_data):
     import mlflow
 
@@ -73,6 +74,12 @@ def test_fit_then_test_logged_to_mlflow(trained, tiny_kind_data):
     assert len(client.get_metric_history(run.info.run_id, "val/ndcg_10")) == 2  # per epoch
     assert metrics["test/count"] == 60 and metrics["test/hr_200"] == 1.0  # k > catalogue: all hits
     assert metrics["test/habit/count"] + metrics["test/dynamic/count"] == 60
+    # both ranking conventions from the same pass: removing history items can only lift the target
+    assert metrics["test_seen_excluded/count"] == 60
+    for k in ("hr_10", "ndcg_10", "mrr", "val_mrr"):
+        stage, name = ("val", "mrr") if k == "val_mrr" else ("test", k)
+        assert metrics[f"{stage}_seen_excluded/{name}"] >= metrics[f"{stage}/{name}"], k
+    assert metrics["test_seen_excluded/mrr"] > metrics["test/mrr"]  # tiny data: history items do outrank targets
 
     def walk(path=None):
         for a in client.list_artifacts(run.info.run_id, path):
@@ -87,6 +94,7 @@ def test_fit_then_test_logged_to_mlflow(trained, tiny_kind_data):
     final = json.loads(local.read_text())
     assert final["run_id"] == run.info.run_id
     assert final["metrics"]["test/hr_10"] == pytest.approx(metrics["test/hr_10"], abs=1e-6)
+    assert final["metrics"]["test_seen_excluded/mrr"] == pytest.approx(metrics["test_seen_excluded/mrr"], abs=1e-6)
 
 
 def test_checkpoints_load_weights_only_and_carry_training_state(trained):
@@ -100,6 +108,7 @@ def test_checkpoints_load_weights_only_and_carry_training_state(trained):
     assert module.config.num_items == 40 and module.model.item_embeddings().shape == (41, 16)
 
 
+@pytest.mark.trains
 def test_resume_from_last_continues_exactly(tiny_data, tmp_path):
     # memory off and no dropout: no random draws during training, so the runs must agree bit for bit
     straight = write_config(tmp_path / "a.yaml", tiny_data, tmp_path / "a", arch="gdn", dropout=0.0)
