@@ -182,6 +182,7 @@ def test_sampled_loss_runs_and_is_finite():
     assert model.item_emb.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("arch_name", ["sinkrec", "gdn", "sasrec"])
 def test_overfits_tiny_dataset(arch_name):
     """8 users x 12 events of random items: every variant must memorise the next items."""
@@ -199,6 +200,7 @@ def test_overfits_tiny_dataset(arch_name):
     assert parts["ce"] < 0.05, f"{arch_name} did not overfit: ce={parts['ce']:.3f}"
 
 
+@pytest.mark.trains
 def test_sampled_loss_lowers_the_full_softmax_loss():
     """Training on the sampled estimator must improve the true objective."""
     model = make("gdn", num_items=40, loss="sampled", num_negatives=10)

@@ -51,6 +51,7 @@ def run_nodes(args: list[str], nnodes: int = 2) -> None:
 
 
 @pytest.mark.dist
+@pytest.mark.trains
 def test_two_nodes_disjoint_users_and_same_metrics_as_one_process(tiny_kind_data, tmp_path):
     out = tmp_path / "nodes"
     cfg = write_config(tmp_path / "tiny.yaml", tiny_kind_data, out)
@@ -76,6 +77,7 @@ def test_two_nodes_disjoint_users_and_same_metrics_as_one_process(tiny_kind_data
 
 
 @pytest.mark.dist
+@pytest.mark.trains
 # ~40 s, plus ~45 s the first time DeepSpeed compiles its C++ ops into TORCH_EXTENSIONS_DIR
 def test_deepspeed_zero2_matches_ddp_on_cpu(tiny_data, tmp_path):
     """The real model and conf/deepspeed/zero2.json through deepspeed.initialize (2 ranks, gloo)."""
