@@ -17,12 +17,14 @@ from sinkrec.layers.fused_gates import fused_gates, gates_reference
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_gates_parity.py")
 sys.path.insert(0, str(SCRIPT.parent))
-from _gates_parity import make_inputs
+from _gates_parity import make_inputs, supported_capabilities
 
 
-def _parity(*args: str) -> dict[str, float]:
+def _parity(*args: str, capability: str | None = None) -> dict[str, float]:
     # a subprocess: TRITON_INTERPRET must be set before triton is first imported
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if capability is not None:  # read by ATen's dispatch and by inductor's choice of vector ISA
+        env["ATEN_CPU_CAPABILITY"] = capability
     res = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
                          timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -42,6 +44,32 @@ def test_compile_matches_reference_forward_backward():
     assert len(errs) == 2
     bad = {k: v for k, v in errs.items() if v > 1e-5}
     assert not bad, bad
+
+
+def _cross_isa_parity(writer: str, reader: str) -> dict[str, float]:
+    """Compile under `writer`'s ISA (filling the inductor cache), then under `reader`'s: the
+    reader must not reuse C++ generated for the writer's vector width (see fused_gates/__init__)."""
+    _parity("compile", "--sinkrec-only", capability=writer)
+    return _parity("compile", "--sinkrec-only", capability=reader)
+
+
+def test_compile_ignores_cache_entries_of_another_isa():
+    # the widest ISA writes, the unvectorised build reads: before the ISA was part of the cache key
+    # the reader compiled AVX2/AVX-512 code without the vector headers and failed. (A CPU without
+    # AVX2 has only "default": inductor never vectorises there, so no entry can mismatch.)
+    errs = _cross_isa_parity(supported_capabilities()[-1], "default")
+    assert len(errs) == 1 and max(errs.values()) <= 1e-5, errs
+
+
+CROSS_ISA = [(w, r) for w in supported_capabilities()[1:] for r in supported_capabilities() if r != w]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writer, reader", CROSS_ISA or [("default", "default")], ids=lambda c: c)
+def test_compile_ignores_cache_entries_of_another_isa_every_pair(writer, reader):
+    # avx512 -> avx2 gave errors up to 5e32, avx2 -> avx512 corrupted the heap (torch 2.13)
+    errs = _cross_isa_parity(writer, reader)
+    assert len(errs) == 1 and max(errs.values()) <= 1e-5, errs
 
 
 def test_reference_pads_freeze_the_state_and_switches_act():
