@@ -44,17 +44,35 @@ def test_ema_moves_codes_to_cluster_means_and_restarts_dead_codes():
     assert (mem.ema_count[0] > 1.0).all()  # every code is in use
 
 
-def test_codebook_utilisation_after_training_on_habit_drift_data():
-    model = make("sinkrec", num_items=60, n_codes=16)
-    items, ts = habit_drift_batch(B=16, T=40, N=60, seed=0)
+def _utilisation_after_training(seed: int) -> torch.Tensor:
+    """[applications, levels] code utilisation on held-out habit+drift data after 40 steps."""
+    model = make("sinkrec", seed=seed, num_items=60, n_codes=16)
+    items, ts = habit_drift_batch(B=16, T=40, N=60, seed=2 * seed)
     train_next_item(model, items, ts, steps=40, lr=3e-3)
     model.eval()
-    test_items, test_ts = habit_drift_batch(B=16, T=40, N=60, seed=1)
-    out = model(test_items, test_ts, return_states=True)
+    test_items, test_ts = habit_drift_batch(B=16, T=40, N=60, seed=2 * seed + 1)
+    with torch.no_grad():
+        out = model(test_items, test_ts, return_states=True)
     mask = test_items != 0
-    for rec, block in zip(out.states, list(model.blocks) * model.cfg.n_loops):
-        used = block.memory.utilisation(rec["codes"], mask)
-        assert (used >= 0.5).all(), f"codebook utilisation {used.tolist()} below 0.5"
+    return torch.stack([block.memory.utilisation(rec["codes"], mask)
+                        for rec, block in zip(out.states, list(model.blocks) * model.cfg.n_loops)])
+
+
+@pytest.mark.trains
+def test_codebook_utilisation_after_training_on_habit_drift_data():
+    """The codebooks stay in use when the commitment loss cannot reach h (docs/MODEL.md).
+
+    The statistic is the mean over 3 independent runs (model init and data) of the utilisation
+    per (block, loop) application: a single application of a single 40-step run is an argmin over
+    a chaotic trajectory, and a different CPU kernel's rounding moved one across a 0.5 threshold
+    (7 of 16 codes). Measured on 12 seeds x {avx512, avx2, default}: level-0 mean 0.62-0.97 per
+    run and >= 0.69 for each of the 220 triples of runs; all-level mean 0.69-0.95 per run and
+    >= 0.75 for each disjoint triple. With h not detached (the collapse this guards against)
+    level 0 is 0.23-0.50 per run and <= 0.47 for every triple."""
+    used = torch.stack([_utilisation_after_training(seed) for seed in range(3)])  # [runs, apps, levels]
+    level0, overall = used[..., 0].mean().item(), used.mean().item()
+    assert level0 >= 0.6, f"level-0 codebook utilisation {level0:.3f} < 0.6 (collapse): {used.tolist()}"
+    assert overall >= 0.6, f"codebook utilisation {overall:.3f} < 0.6 over all levels: {used.tolist()}"
 
 
 def _free_port() -> int:
