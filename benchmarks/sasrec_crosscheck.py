@@ -324,7 +324,7 @@ def materialise(loader) -> list[dict]:
 def git_info() -> dict[str, Any]:
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.rstrip("\n")
         except OSError:
             return ""
     dirty = git("status", "--porcelain", "--", "sinkrec", "benchmarks/sasrec_crosscheck.py")
