@@ -50,6 +50,7 @@ class SinkRecConfig:
     kernel_backend: str = "auto"  # delta-rule backend: "auto" | "chunk" | "recurrent" | "fla"
     gate_backend: str = "auto"  # fused gates: "reference" | "compile" | "triton" | "auto"
     init_std: float = 0.02  # std of the item / position / loop embeddings
+    input_norm: bool = True  # RMSNorm the input embeddings (the tied table stays small for the head)
 
     def validate(self) -> SinkRecConfig:
         if self.arch not in ARCHS:
@@ -99,6 +100,14 @@ class SeqRecModel(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=cfg.init_std)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+        self.input_norm = RMSNorm(cfg.d_model)  # a zero (pad) vector stays zero
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [..., D] -> unit-RMS inputs. The tied table is initialised small
+        (init_std) because it is also the output head; without this norm the model's first inputs
+        are ~50x smaller than what its layers add to the residual stream, and training starts far
+        slower (measured on ML-1M: val NDCG@10 .021 vs .005 after 3 epochs, SASRec)."""
+        return self.input_norm(x) if self.cfg.input_norm else x
 
     def item_embeddings(self) -> torch.Tensor:
         """Tied table [N + 1, D] that queries are scored against (unit rows with `l2_norm`);
@@ -145,7 +154,7 @@ class SinkRec(SeqRecModel):
         mask = items != 0  # [B, T]
         keep = mask[..., None].to(self.item_emb.weight.dtype)  # [B, T, 1]
         phi = time_features(ts, mask, self.cfg.time_scale)
-        h = self.emb_dropout(self.item_emb(items))
+        h = self.emb_dropout(self.embed(self.item_emb(items)))
         commit, states = h.new_zeros(()), [] if return_states else None
         for loop in range(self.cfg.n_loops):
             h = h + self.loop_emb.weight[loop]
@@ -181,7 +190,7 @@ class SinkRec(SeqRecModel):
         dt = torch.where(state["has_prev"] & valid, (ts - state["ts_prev"]).clamp_min(0), 0)
         phi = torch.log1p(dt.float() / self.cfg.time_scale)
         keep = valid[:, None].to(self.item_emb.weight.dtype)
-        h = self.item_emb(item)
+        h = self.embed(self.item_emb(item))
         caches, i = [], 0
         for loop in range(self.cfg.n_loops):
             h = h + self.loop_emb.weight[loop]
@@ -254,7 +263,7 @@ class SASRec(SeqRecModel):
         mask = items != 0
         keep = mask[..., None].to(self.item_emb.weight.dtype)
         pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=items.device)  # [T]
-        h = self.emb_dropout(self.item_emb(items) + self.pos_emb(pos)) * keep
+        h = self.emb_dropout(self.embed(self.item_emb(items) + self.pos_emb(pos))) * keep
         # causal AND key is real; the diagonal stays open so pad query rows are never all-masked
         # (an all -inf row is NaN in softmax); real rows never see pad keys
         causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
