@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck compare mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -90,6 +90,16 @@ train: setup
 		NNODES=$(NNODES) NPROC=$(NPROC) NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) \
 		MASTER_PORT=$(MASTER_PORT) PYTHON=$(PYTHON) jobs/torchrun.sh fit --config $(CONFIG) $(ARGS); \
 	fi
+
+# Train several configs one after another under the same budget and seeds -> one table
+# (docs/results/<NAME>-<date>.md) and an MLflow parent run with one child run per training.
+CONFIGS ?= conf/train/ml1m_sinkrec.yaml conf/train/ml1m_gdn.yaml conf/train/ml1m_sasrec.yaml
+SEEDS ?= 1234
+NAME ?= ml1m
+compare: setup
+	@for c in $(CONFIGS); do d=$$(sed -n 's|^[[:space:]]*root:[[:space:]]*data/processed/\([A-Za-z0-9._-]*\).*|\1|p' $$c | head -n 1); \
+		$(MAKE) --no-print-directory preprocess DATASET=$$d ARGS= || exit 1; done
+	$(PYTHON) -m sinkrec.compare --configs $(CONFIGS) --seeds $(SEEDS) --name $(NAME) $(if $(ARGS),-- $(ARGS))
 
 train-smoke:
 	$(MAKE) --no-print-directory train CONFIG=conf/train/smoke.yaml

@@ -42,6 +42,7 @@ class MLflowConfig:
     experiment: str | None = None  # None: the dataset's name from its manifest (one experiment per dataset)
     run_name: str | None = None  # None: the config file's stem (e.g. "ml1m_sinkrec")
     log_checkpoint: bool = True  # upload the best checkpoint as an artifact
+    parent_run_id: str | None = None  # nest this run under another (e.g. a `make compare` parent run)
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -86,10 +87,12 @@ class SinkRecCLI(LightningCLI):
         experiment = m.experiment or self.datamodule.name
         configs = self._get(self.config, "config", default=None) or []
         run_name = m.run_name or (Path(str(configs[0])).stem if configs else "sinkrec")
+        tags = {"config": ",".join(str(c) for c in configs), "dataset": self.datamodule.name,
+                "subcommand": str(self.subcommand)}
+        if m.parent_run_id:
+            tags["mlflow.parentRunId"] = m.parent_run_id  # MLflow's own nesting tag
         return MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
-                            artifact_location=_artifact_location(uri, experiment),
-                            tags={"config": ",".join(str(c) for c in configs), "dataset": self.datamodule.name,
-                                  "subcommand": str(self.subcommand)})
+                            artifact_location=_artifact_location(uri, experiment), tags=tags)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = {**self._cfg("trainer"), **kwargs}
