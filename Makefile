@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck compare mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch compare mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -64,6 +64,9 @@ bench-preprocess: data
 
 bench-layer: setup
 	$(PYTHON) -m benchmarks.layer
+
+bench-epoch: setup  # where an ML-1M training step goes: body vs loss head, per arch and loss
+	$(PYTHON) -m benchmarks.epoch $(ARGS)
 
 bench-ops: setup
 	$(PYTHON) -m benchmarks.ops
