@@ -101,8 +101,11 @@ class TDGD(nn.Module):
             temporal=self.temporal, backend=self.gate_backend,
         )
         # scale=1: the spec reads o = S q~ exactly; o_norm below removes the overall scale
+        # under autocast the gates can come back in float32 beside bf16 projections; the kernel
+        # wants one dtype and accumulates in float32 whatever it gets
+        dt = torch.promote_types(torch.promote_types(gates.q.dtype, k.dtype), gates.v.dtype)
         o, state = gated_delta_rule(
-            gates.q, k, gates.v, gates.g, gates.beta, scale=1.0,
+            gates.q.to(dt), k.to(dt), gates.v.to(dt), gates.g, gates.beta, scale=1.0,
             initial_state=initial_state, output_final_state=output_final_state, backend=backend,
         )  # o: [B, T, H, V]
         if self.memory:

@@ -137,14 +137,17 @@ def gated_delta_rule(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     impl = _IMPLS[resolve_backend(backend, q)]
-    o, final_state = impl(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-    )
+    # the kernels pick their own precision (float32 accumulation); an enclosing autocast region must
+    # not turn their internal matmuls and triangular solves into bf16 (CPU has no bf16 trsm)
+    with torch.autocast(q.device.type, enabled=False):
+        o, final_state = impl(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
     return o.to(v.dtype), final_state

@@ -215,3 +215,20 @@ def test_sampled_loss_lowers_the_full_softmax_loss():
     before = full_ce()
     train_next_item(model, items, ts, steps=40, lr=1e-2)
     assert full_ce() < before - 0.5
+
+
+@pytest.mark.parametrize("arch", ["sinkrec", "gdn", "sasrec"])
+def test_bf16_autocast_trains_and_matches_float32(arch):
+    """trainer.precision=bf16-mixed on CPU: the delta-rule kernels keep float32 inside autocast, the loss
+    stays within bf16 rounding of float32 (measured 0.3%; 5% is far beyond any kernel's rounding) and every
+    gradient is finite."""
+    model = make(arch)
+    items, ts = random_batch()
+    with torch.no_grad():
+        ref, _ = model.loss(model(items, ts), items)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(model(items, ts), items)
+    loss.backward()
+    assert abs(float(loss) - float(ref)) < 0.05 * float(ref)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
