@@ -7,6 +7,8 @@ Losses compared on the same batches:
     plain     the whole [positions x items] logits at once, F.cross_entropy (the pre-chunking path)
     full      sinkrec.losses.full_softmax_loss: chunks of positions, recompute in backward
     sampled   sinkrec.losses.sampled_softmax_loss with 1,024 batch-shared uniform negatives
+With --bf16 each is timed again under CPU bf16 autocast (trainer.precision=bf16-mixed); that pays
+off only where the CPU has AMX or AVX512-BF16 (see `lscpu` flags).
 Times are medians over `--steps` real training batches (the longest-history buckets first, so the
 numbers are an upper bound per step); the epoch estimate multiplies by the batches per epoch.
 """
@@ -38,13 +40,15 @@ LOSSES = {
 }
 
 
-def time_step(model, batch, loss_fn) -> tuple[float, float]:
+def time_step(model, batch, loss_fn, bf16: bool = False) -> tuple[float, float]:
     """(seconds of the whole step, seconds of the loss head alone, forward + backward)."""
     t0 = time.perf_counter()
-    out = model(batch["items"], batch["ts"])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(batch["items"], batch["ts"])
     hidden = out.hidden.detach().requires_grad_(True)
     t1 = time.perf_counter()
-    loss = loss_fn(hidden, model.item_embeddings(), batch["targets"])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn(hidden, model.item_embeddings(), batch["targets"])
     loss.backward()
     t2 = time.perf_counter()
     (out.hidden * hidden.grad).sum().add(out.aux_loss).backward()  # the body's backward
@@ -59,6 +63,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--archs", nargs="+", default=["sasrec", "gdn", "sinkrec"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    p.add_argument("--bf16", action="store_true", help="also time each loss under bf16 autocast")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dm = SeqRecDataModule(root=args.root, max_len=200, batch_size=128)
@@ -67,7 +73,7 @@ def main() -> None:
     batches = sorted(loader, key=lambda b: -b["items"].shape[1])[: args.steps]
     per_epoch = len(loader)
     print(f"{args.root}: {per_epoch} batches/epoch; timing the {args.steps} longest, {args.threads} thread(s)")
-    print("| arch | loss | step s | head s | head share | epoch estimate s | vs plain |")
+    print("| arch | loss | step s | head s | head share | epoch estimate s | speed-up vs the first row |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for arch in args.archs:
         torch.manual_seed(0)
@@ -75,8 +81,10 @@ def main() -> None:
                                           n_loops=1, n_codes=128, dropout=0.2))
         time_step(model, batches[0], LOSSES["full"])  # warm-up
         base = None
-        for name, fn in LOSSES.items():
-            times = [time_step(model, b, fn) for b in batches]
+        runs = [(n, False) for n in args.losses] + ([(n, True) for n in args.losses] if args.bf16 else [])
+        for loss_name, bf16 in runs:
+            name = loss_name + (" bf16" if bf16 else "")
+            times = [time_step(model, b, LOSSES[loss_name], bf16) for b in batches]
             step = statistics.median(t for t, _ in times)
             head = statistics.median(h for _, h in times)
             base = base or step
