@@ -48,11 +48,23 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def shard_path(root: str | Path, entry: dict[str, Any]) -> Path:
+    """The file of one manifest shard entry, refused unless it lies inside `root`: a manifest is
+    input, never a way to make the trainer open an arbitrary file."""
+    root = Path(root)
+    rel = str(entry.get("path", ""))
+    path = root / rel
+    if Path(rel).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise ShardError(f"{root / 'manifest.json'}: shard path {rel!r} points outside the dataset directory "
+                         f"{root}; shard paths must be relative, like 'shards/part-00000.parquet'")
+    return path
+
+
 def verify_shards(root: str | Path, manifest: dict[str, Any]) -> None:
     """Check every shard listed in the manifest exists and has the recorded sha256."""
     root = Path(root)
     for entry in manifest["shards"]:
-        path = root / entry["path"]
+        path = shard_path(root, entry)
         if not path.is_file():
             raise ShardError(f"{path}: shard listed in {root / 'manifest.json'} is missing")
         digest = sha256_of(path)
@@ -109,7 +121,7 @@ def read_shards(root: str | Path, manifest: dict[str, Any]) -> UserTable:
     users, shard_ids, lengths, items, ts = [], [], [], [], []
     side: dict[str, list[np.ndarray]] = {k: [] for k in side_names}
     for s, entry in enumerate(manifest["shards"]):
-        path = root / entry["path"]
+        path = shard_path(root, entry)
         table = pq.read_table(path)
         missing = [c for c in (*REQUIRED_COLUMNS, *side_names) if c not in table.column_names]
         if missing:

@@ -36,6 +36,18 @@ def test_sha_mismatch_and_missing_shard_name_the_file(tmp_path):
         SeqRecDataModule(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("bad", ["../outside.parquet", "shards/../../outside.parquet", "/etc/hostname"])
+def test_shard_path_outside_the_dataset_is_refused(tmp_path, bad, verify):
+    root = make_processed(tmp_path / "d")
+    (tmp_path / "outside.parquet").write_bytes((root / "shards" / "part-00000.parquet").read_bytes())
+    m = json.loads((root / "manifest.json").read_text())
+    m["shards"][1]["path"] = bad
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ShardError, match="outside the dataset directory"):
+        SeqRecDataModule(str(root), verify=verify).setup("fit")
+
+
 def test_manifest_num_items_is_enforced(tmp_path):
     root = make_processed(tmp_path / "d", num_items=40)
     m = json.loads((root / "manifest.json").read_text())
