@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+import pipeline.__main__ as cli_main
 from pipeline.synth import SynthConfig, generate
 from tests.pipeline.conftest import write_text
 
@@ -28,6 +31,33 @@ def test_sigterm_mid_build_leaves_no_output(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "no output written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.parquet"]
+
+
+def test_sigterm_inside_a_polars_callback_still_reports_an_interrupt(monkeypatch, capsys):
+    """SIGTERM while Polars' Rust code runs a Python callback: pyo3 turns the KeyboardInterrupt into a
+    PanicException (a BaseException); the run must still end as interrupted (130), not crash (1)."""
+    class PanicException(BaseException):  # what pyo3 raises; not importable from polars
+        pass
+
+    def run_in_rust(cfg):
+        try:
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here, as in a Polars callback
+        except KeyboardInterrupt as e:
+            raise PanicException("called `Result::unwrap()` on an `Err` value: KeyboardInterrupt") from e
+
+    def failing_run(cfg):
+        raise PanicException("a real panic")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setattr(cli_main, "run", run_in_rust)
+        assert cli_main.main(["--input", "x.csv"]) == 130
+        assert "interrupted: no output written" in capsys.readouterr().err
+        monkeypatch.setattr(cli_main, "run", failing_run)  # no SIGTERM: a panic is not an interrupt
+        with pytest.raises(PanicException, match="a real panic"):
+            cli_main.main(["--input", "x.csv"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_build_dirs_of_dead_processes_are_removed(cli, tmp_path):
