@@ -10,7 +10,6 @@ from pipeline.config import add_config_flags, load
 from pipeline.errors import PipelineError
 from pipeline.run import run
 
-
 _terminated = False
 
 
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(load(config_path, args))
-    except BaseException as e:  # noqa: BLE001 -- re-raised below unless it is the interrupt
+    except BaseException as e:  # re-raised below unless it is the interrupt or a PipelineError
         if isinstance(e, KeyboardInterrupt) or _terminated:
             print("interrupted: no output written", file=sys.stderr)
             return 130
