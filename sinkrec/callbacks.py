@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from sinkrec.lit_module import ranking_names
+
 log = logging.getLogger(__name__)
 
 
@@ -156,7 +158,7 @@ class MLflowArtifacts(Callback):
     def _write_metrics(self, trainer: pl.Trainer, stage: str) -> None:
         if not trainer.is_global_zero:
             return
-        names = (stage, f"{stage}_seen_excluded")  # both ranking conventions (see SeqRecModule)
+        names = ranking_names(stage)  # both ranking conventions
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.split("/")[0] in names}
         # ranking metrics at full float64 precision (callback_metrics holds float32 copies)
         final = getattr(trainer.lightning_module, "final_metrics", {})

@@ -18,7 +18,13 @@ from sinkrec.metrics import RankingAccumulator, target_ranks, top_k
 from sinkrec.model import SinkRecConfig, build_model
 
 
-SCORED_STAGES = ("val", "val_seen_excluded", "test", "test_seen_excluded")
+def ranking_names(stage: str) -> tuple[str, str]:
+    """The two ranking conventions logged for an evaluation stage: history items kept as candidates
+    (HSTU's protocol) and removed (SASRec+ / eSASRec's)."""
+    return stage, f"{stage}_seen_excluded"
+
+
+SCORED_STAGES = (*ranking_names("val"), *ranking_names("test"))
 
 
 @dataclass
@@ -112,7 +118,8 @@ class SeqRecModule(pl.LightningModule):
         kinds = batch["target_kind"][rows, pos]
         kinds = kinds if (kinds >= 0).any() else None
         table = self.model.item_embeddings().detach()
-        for name, exclude in ((stage, None), (f"{stage}_seen_excluded", batch["items"][rows] * seen)):
+        kept, removed = ranking_names(stage)
+        for name, exclude in ((kept, None), (removed, batch["items"][rows] * seen)):
             ranks = target_ranks(hidden[rows, pos], table, targets[rows, pos], exclude, self.evaluation.chunk_size)
             self.acc[name].update(ranks, kinds)
 
@@ -141,7 +148,7 @@ class SeqRecModule(pl.LightningModule):
         return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
 
     def _log_ranking(self, stage: str) -> None:
-        for name in (stage, f"{stage}_seen_excluded"):
+        for name in ranking_names(stage):
             metrics = self.acc[name].compute(self._all_reduce_sum)
             self.acc[name].reset()
             self.final_metrics[name] = {f"{name}/{k}": v for k, v in metrics.items()}
@@ -150,8 +157,8 @@ class SeqRecModule(pl.LightningModule):
                 self.log(f"{name}/{k}", v, prog_bar=name == stage and k in ("ndcg_10", "hr_10"), sync_dist=False)
 
     def _reset(self, stage: str) -> None:
-        self.acc[stage].reset()
-        self.acc[f"{stage}_seen_excluded"].reset()
+        for name in ranking_names(stage):
+            self.acc[name].reset()
 
     def on_validation_epoch_start(self) -> None:
         self._reset("val")
