@@ -81,7 +81,8 @@ clean:
 
 # ---- training (sinkrec/cli.py; configs in conf/train/, launchers in jobs/) ----
 # The dataset a training config reads (its data.root: data/processed/<name>) is preprocessed first.
-TRAIN_DATASET = $(shell sed -n 's|^[[:space:]]*root:[[:space:]]*data/processed/\([A-Za-z0-9._-]*\).*|\1|p' $(CONFIG) | head -n 1)
+dataset_of = $(shell sed -n 's|^[[:space:]]*root:[[:space:]]*data/processed/\([A-Za-z0-9._-]*\).*|\1|p' $(1) | head -n 1)
+TRAIN_DATASET = $(call dataset_of,$(CONFIG))
 
 train: setup
 	@test -n "$(TRAIN_DATASET)" || { echo "$(CONFIG): no 'data.root: data/processed/<name>' found"; exit 2; }
@@ -100,7 +101,7 @@ CONFIGS ?= conf/train/ml1m_sinkrec.yaml conf/train/ml1m_gdn.yaml conf/train/ml1m
 SEEDS ?= 1234
 NAME ?= ml1m
 compare: setup
-	@for c in $(CONFIGS); do d=$$(sed -n 's|^[[:space:]]*root:[[:space:]]*data/processed/\([A-Za-z0-9._-]*\).*|\1|p' $$c | head -n 1); \
+	@for d in $(sort $(foreach c,$(CONFIGS),$(call dataset_of,$(c)))); do \
 		$(MAKE) --no-print-directory preprocess DATASET=$$d ARGS= || exit 1; done
 	$(PYTHON) -m sinkrec.compare --configs $(CONFIGS) --seeds $(SEEDS) --name $(NAME) $(if $(ARGS),-- $(ARGS))
 

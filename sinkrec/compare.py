@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
     mlflow.set_experiment(experiment)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M")
-    command = shlex.join(["python", "-m", "sinkrec.compare", *(sys.argv[1:] if argv is None else argv),
-                          *(["--", *extra] if extra else [])])
+    command = shlex.join(["python", "-m", "sinkrec.compare", *argv, *(["--", *extra] if extra else [])])
     work = args.work / f"{args.name}-{stamp}"
     rows = []
     with mlflow.start_run(run_name=f"compare-{args.name}") as parent:

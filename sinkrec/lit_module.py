@@ -118,9 +118,10 @@ class SeqRecModule(pl.LightningModule):
         kinds = batch["target_kind"][rows, pos]
         kinds = kinds if (kinds >= 0).any() else None
         table = self.model.item_embeddings().detach()
+        queries, ids = hidden[rows, pos], targets[rows, pos]
         kept, removed = ranking_names(stage)
         for name, exclude in ((kept, None), (removed, batch["items"][rows] * seen)):
-            ranks = target_ranks(hidden[rows, pos], table, targets[rows, pos], exclude, self.evaluation.chunk_size)
+            ranks = target_ranks(queries, table, ids, exclude, self.evaluation.chunk_size)
             self.acc[name].update(ranks, kinds)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

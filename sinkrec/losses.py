@@ -22,6 +22,13 @@ FULL_CHUNK = 1024  # positions per chunk of the full softmax: peak memory ~ FULL
 # (1024 also measured faster than one unchunked [P, N] pass on ML-1M: the chunk stays in cache)
 
 
+def _chunk_logits(hc: torch.Tensor, table: torch.Tensor, tau: float, dtype: torch.dtype) -> torch.Tensor:
+    """[c, D] x [N + 1, D] -> [c, N + 1] logits / tau in `dtype`; the pad item is never a valid prediction."""
+    logits = (hc @ table.t()).to(dtype) / tau
+    logits[:, 0] = float("-inf")
+    return logits
+
+
 class _ChunkedFullCE(torch.autograd.Function):
     """Sum over rows of CE(h_i @ table^T / tau, y_i), one chunk of rows at a time.
 
@@ -34,8 +41,7 @@ class _ChunkedFullCE(torch.autograd.Function):
         lse = torch.empty(h.shape[0], dtype=acc, device=h.device)
         tgt = torch.empty_like(lse)
         for lo in range(0, h.shape[0], chunk):
-            logits = (h[lo:lo + chunk] @ table.t()).to(acc) / tau  # [c, N + 1]
-            logits[:, 0] = float("-inf")  # the pad item is never a valid prediction
+            logits = _chunk_logits(h[lo:lo + chunk], table, tau, acc)  # [c, N + 1]
             lse[lo:lo + chunk] = torch.logsumexp(logits, -1)
             tgt[lo:lo + chunk] = logits.gather(1, y[lo:lo + chunk, None])[:, 0]
         ctx.save_for_backward(h, table, y, lse)
@@ -50,8 +56,7 @@ class _ChunkedFullCE(torch.autograd.Function):
         gt = torch.zeros(table.shape, dtype=lse.dtype, device=table.device) if ctx.needs_input_grad[1] else None
         for lo in range(0, h.shape[0], chunk):
             hc = h[lo:lo + chunk]
-            logits = (hc @ table.t()).to(lse.dtype) / tau
-            logits[:, 0] = float("-inf")
+            logits = _chunk_logits(hc, table, tau, lse.dtype)
             p = torch.exp(logits - lse[lo:lo + chunk, None])  # softmax [c, N + 1]
             p[torch.arange(p.shape[0], device=p.device), y[lo:lo + chunk]] -= 1.0  # d CE / d logits
             p = (p * (grad_out / tau)).to(h.dtype)
