@@ -1,21 +1,31 @@
-"""Semantic-state-sink diagnostics (SINKREC.md section 7).
+"""Semantic-state-sink diagnostics (SINKREC.md section 7, made measurable; docs/MODEL.md).
 
 Given the final delta-rule state S_T ([K, V] per head, fla layout: keys index rows) and the
-positions R whose item recurs >= m times in the sequence:
-    occupancy   O = ||P_R S_T||_F^2 / ||S_T||_F^2, P_R = projector onto the span of the repeated
-                items' keys, to compare with the repeated share |R| / T (O >> |R|/T: repeats hog
-                the state). Departure from the spec's span{k_t : t in R}: each repeated item
-                contributes ONE direction, the mean of its keys. With a few hundred repeated
-                positions and K = 32 the per-position keys (each shaped by its own conv context)
-                span all of R^K, so the spec's O is 1 for every model and measures nothing
-                (seen on SinkBench: 1.0 for SinkRec and GDN alike).
-    eff. rank   exp(H(sigma / ||sigma||_1)) of S_T's singular values
-    read bias   mean over real t of cos(o_t, mean_{t in R} v_t)
+positions R of repeated events (ground truth where the data has it, e.g. SinkBench's habit events;
+else positions whose item recurs >= m times in the sequence):
+
+    excess occupancy  X_r = (||P_r S_T||_F^2 / ||S_T||_F^2) / (r / K)
+        P_r projects onto the top-r subspace of the repeated items' mean keys (each repeated item
+        contributes its mean key, weighted by how often it occurs), r = min(rank, #directions) < K.
+        A random r-dimensional subspace holds r / K of the energy of any state on average, so
+        X = 1 means the repeats get their fair share of the state (no sink) and X -> K / r means
+        the state holds nothing else. Two choices make it informative where the spec's literal
+        ratio is not: (1) one direction per repeated ITEM, not per position (a few hundred
+        positions' keys, each shaped by its own conv context, span all of R^K, so the literal
+        ||P_R S||^2 / ||S||^2 is 1 for every model); (2) the rank cap r, so the measure cannot
+        saturate by growing its own subspace.
+    effective rank    exp(H(sigma / ||sigma||_1)) of S_T's singular values, in [1, min(K, V)]
+    read-out bias     mean over real t of cos(o_t, mean_{t in R} v_t)
+    write share       the repeated events' share of the total write strength beta~ (purified), over
+                      their share of the events: 1 = written like any event, < 1 = the memory keeps
+                      them out of the state (SinkRec's purified write), > 1 = written more
 Functions take one layer's tensors for a batch and return per-(sequence, head) values.
 """
 from __future__ import annotations
 
 import torch
+
+OCCUPANCY_RANK = 4  # r: subspace rank of the excess occupancy (K = 32 in the default configs)
 
 
 def repeated_mask(items: torch.Tensor, min_repeats: int = 3) -> torch.Tensor:
@@ -26,28 +36,35 @@ def repeated_mask(items: torch.Tensor, min_repeats: int = 3) -> torch.Tensor:
     return real & (counts >= min_repeats)
 
 
-def occupancy(S: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, items: torch.Tensor | None = None,
-              rank_tol: float = 1e-4) -> torch.Tensor:
-    """S [B, H, K, V], k [B, T, H, K], rep [B, T], items [B, T] | None -> O [B, H] (NaN where a row
-    has no repeats). With `items`, the subspace is spanned by each repeated item's mean key;
-    without, by every repeated position's key."""
-    B, H = S.shape[:2]
+def repeat_basis(keys: torch.Tensor, items: torch.Tensor, rank: int, rel_tol: float = 1e-4) -> torch.Tensor:
+    """keys [n, K] and items [n] of the repeated positions of one (sequence, head) -> orthonormal
+    rows [r, K] spanning the top-r subspace of the count-weighted item mean keys (r <= rank)."""
+    _, group, counts = torch.unique(items, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), keys.shape[-1], dtype=keys.dtype, device=keys.device)
+    sums.index_add_(0, group, keys)  # [n_items, K]
+    # rows sqrt(n_i) * mean_i: the second moment sum_i n_i mean_i mean_i^T, what the writes pile up
+    rows = sums / counts[:, None].to(keys.dtype).sqrt()
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    keep = min(rank, int((s > rel_tol * s.max().clamp_min(1e-12)).sum()))
+    return vh[:keep]
+
+
+def excess_occupancy(S: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, items: torch.Tensor,
+                     rank: int = OCCUPANCY_RANK) -> torch.Tensor:
+    """S [B, H, K, V], k [B, T, H, K], rep [B, T] bool, items [B, T] -> X_r [B, H] (module doc;
+    NaN where a row has no repeated position)."""
+    B, H, K = S.shape[:3]
+    if rank >= K:
+        raise ValueError(f"excess_occupancy: rank={rank} must be < K={K} (a full-rank subspace holds everything)")
     out = torch.full((B, H), float("nan"), device=S.device)
     for b in range(B):
         if not rep[b].any():
             continue
-        if items is not None:
-            _, group = torch.unique(items[b, rep[b]], return_inverse=True)  # [n_R] -> distinct item index
-            n_items = int(group.max()) + 1
         for h in range(H):
-            keys = k[b, rep[b], h].float()  # [n_R, K]
-            if items is not None:  # one direction per repeated item: the mean of its keys
-                keys = torch.zeros(n_items, keys.shape[-1], device=keys.device).index_add_(0, group, keys)
-            _, s, vh = torch.linalg.svd(keys, full_matrices=False)
-            basis = vh[s > rank_tol * s.max().clamp_min(1e-12)]  # [r, K] orthonormal rows
+            basis = repeat_basis(k[b, rep[b], h].float(), items[b, rep[b]], rank)  # [r, K]
             Sbh = S[b, h].float()
-            total = Sbh.pow(2).sum()
-            out[b, h] = (basis @ Sbh).pow(2).sum() / total.clamp_min(1e-12)
+            share = (basis @ Sbh).pow(2).sum() / Sbh.pow(2).sum().clamp_min(1e-12)
+            out[b, h] = share / (basis.shape[0] / K)
     return out
 
 
@@ -69,11 +86,43 @@ def readout_bias(o: torch.Tensor, v: torch.Tensor, rep: torch.Tensor, mask: torc
     return torch.where(rep.any(1)[:, None], out, torch.full_like(out, float("nan")))
 
 
+def write_share(beta: torch.Tensor, rep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """beta [B, T, H] (the write strength the state gets), rep, mask [B, T] -> [B, H]: the repeated
+    events' share of the summed write strength over their share of the events (NaN without repeats)."""
+    w = beta.float() * mask[..., None]
+    rep_f = rep[..., None].float()
+    frac_write = (w * rep_f).sum(1) / w.sum(1).clamp_min(1e-12)  # [B, H]
+    frac_events = (rep.sum(1).float() / mask.sum(1).clamp_min(1).float())[:, None]  # [B, 1]
+    out = frac_write / frac_events.clamp_min(1e-12)
+    return torch.where(rep.any(1)[:, None], out, torch.full_like(out, float("nan")))
+
+
+def per_user(states: list[dict], items: torch.Tensor, rep: torch.Tensor,
+             rank: int = OCCUPANCY_RANK) -> dict[str, torch.Tensor]:
+    """Each measure per sequence [B], averaged over the (loop, block) passes and heads; `rep` [B, T]
+    marks the repeated positions. Also rho (memory coverage) on repeated vs other real events."""
+    mask = items != 0
+    other = mask & ~rep
+    per: dict[str, list[torch.Tensor]] = {n: [] for n in
+                                          ("excess_occupancy", "effective_rank", "readout_bias", "write_share",
+                                           "rho_repeated", "rho_other")}
+    for rec in states:
+        per["excess_occupancy"].append(excess_occupancy(rec["S"], rec["k"], rep, items, rank).mean(1))
+        per["effective_rank"].append(effective_rank(rec["S"]).mean(1))
+        per["readout_bias"].append(readout_bias(rec["o"], rec["v"], rep, mask).mean(1))
+        per["write_share"].append(write_share(rec["beta"], rep, mask).mean(1))
+        rho = rec["rho"].float().mean(-1)  # [B, T], mean over heads
+        per["rho_repeated"].append((rho * rep).sum(1) / rep.sum(1).clamp_min(1))
+        per["rho_other"].append((rho * other).sum(1) / other.sum(1).clamp_min(1))
+    return {n: torch.stack(v).mean(0) for n, v in per.items()}
+
+
 @torch.no_grad()
 def sink_diagnostics(model: torch.nn.Module, items: torch.Tensor, ts: torch.Tensor,
-                     min_repeats: int = 3) -> dict[str, float]:
-    """Sink measures averaged over (loop, block) passes, heads and the sequences that have
-    repeats. Models without a recurrent state (SASRec) return {}."""
+                     min_repeats: int = 3, rep: torch.Tensor | None = None) -> dict[str, float]:
+    """Sink measures averaged over the sequences that have repeats. `rep` [B, T] marks repeated
+    positions (default: items recurring >= min_repeats times in the row). Models without a recurrent
+    state (SASRec) return {}."""
     was_training = model.training
     model.eval()  # no dropout, no codebook EMA updates
     try:
@@ -83,21 +132,12 @@ def sink_diagnostics(model: torch.nn.Module, items: torch.Tensor, ts: torch.Tens
     if not out.states:
         return {}
     mask = items != 0
-    rep = repeated_mask(items, min_repeats)
+    rep = repeated_mask(items, min_repeats) if rep is None else rep & mask
     has_rep = rep.any(1)
     if not has_rep.any():
         return {}
     share = (rep.sum(1).float() / mask.sum(1).clamp_min(1).float())[has_rep].mean().item()
-    occ, erank, bias = [], [], []
-    for rec in out.states:
-        occ.append(torch.nanmean(occupancy(rec["S"], rec["k"], rep, items)).item())
-        erank.append(effective_rank(rec["S"]).mean().item())
-        bias.append(torch.nanmean(readout_bias(rec["o"], rec["v"], rep, mask)).item())
-    mean = lambda xs: sum(xs) / len(xs)
-    return {
-        "sink/occupancy": mean(occ),
-        "sink/repeated_share": share,
-        "sink/occupancy_excess": mean(occ) - share,
-        "sink/effective_rank": mean(erank),
-        "sink/readout_bias": mean(bias),
-    }
+    values = per_user(out.states, items, rep)
+    result = {f"sink/{n}": torch.nanmean(v[has_rep]).item() for n, v in values.items()}
+    result["sink/repeated_share"] = share
+    return result

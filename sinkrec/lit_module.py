@@ -178,7 +178,7 @@ class SeqRecModule(pl.LightningModule):
         from sinkrec.diagnostics import sink_diagnostics  # lazy: only this epoch hook needs it
 
         keep = batch["valid"].nonzero(as_tuple=True)[0][: self.evaluation.diag_users]
-        # returns {} for models without a recurrent state (SASRec); keys look like "sink/occupancy"
+        # returns {} for models without a recurrent state (SASRec); keys look like "sink/excess_occupancy"
         diag = sink_diagnostics(self.model, batch["items"][keep], batch["ts"][keep],
                                 min_repeats=self.evaluation.diag_min_repeats)
         self.log_dict({f"val/{k}": float(v) for k, v in diag.items()}, rank_zero_only=True,

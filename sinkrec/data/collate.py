@@ -67,24 +67,27 @@ def make_example(
         lo = max(0, len(items) - max_len)
         x, t = items[lo:], ts[lo:]
         return {"items": x, "ts": t, "targets": np.zeros_like(x), "kind": None,
-                "user_idx": user_idx, "valid": valid}
+                "input_kind": None if kind is None else kind[lo:].astype(np.int64), "user_idx": user_idx,
+                "valid": valid}
     w = max(0, end - 1 - max_len)
     x, t = items[w : end - 1], ts[w : end - 1]
     y = items[w + 1 : end].copy()
     pos = np.arange(w + 1, end)
     y[pos < first] = 0  # positions before the first target are history only
-    k = None
+    k = k_in = None
     if kind is not None:
         k = kind[w + 1 : end].astype(np.int64)
         k[y == 0] = NO_KIND
-    return {"items": x, "ts": t, "targets": y, "kind": k, "user_idx": user_idx, "valid": valid}
+        k_in = kind[w : end - 1].astype(np.int64)
+    return {"items": x, "ts": t, "targets": y, "kind": k, "input_kind": k_in, "user_idx": user_idx,
+            "valid": valid}
 
 
 def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack examples into LEFT-padded tensors: the most recent event sits at index -1.
 
-    Returns items/ts/targets [B, T] int64 (0 = pad / no target), target_kind [B, T] int64
-    (-1 = none), user_idx [B] int64, valid [B] bool. Rows with valid=False are rank-balancing
+    Returns items/ts/targets [B, T] int64 (0 = pad / no target), target_kind and input_kind
+    [B, T] int64 (the `kind` of each target / input event; -1 = none), user_idx [B] int64, valid [B] bool. Rows with valid=False are rank-balancing
     repeats (see datamodule.RankUserSampler): their targets are zeroed so they count nowhere.
     """
     B = len(examples)
@@ -93,12 +96,15 @@ def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     ts = torch.zeros(B, T, dtype=torch.long)
     targets = torch.zeros(B, T, dtype=torch.long)
     kind = torch.full((B, T), NO_KIND, dtype=torch.long)
+    input_kind = torch.full((B, T), NO_KIND, dtype=torch.long)
     for b, e in enumerate(examples):
         L = len(e["items"])
         if L == 0:
             continue
         items[b, T - L :] = torch.from_numpy(np.asarray(e["items"], dtype=np.int64))
         ts[b, T - L :] = torch.from_numpy(np.asarray(e["ts"], dtype=np.int64))
+        if e.get("input_kind") is not None:
+            input_kind[b, T - L :] = torch.from_numpy(e["input_kind"])
         if e["valid"]:
             targets[b, T - L :] = torch.from_numpy(np.asarray(e["targets"], dtype=np.int64))
             if e["kind"] is not None:
@@ -108,6 +114,7 @@ def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "ts": ts,
         "targets": targets,
         "target_kind": kind,
+        "input_kind": input_kind,
         "user_idx": torch.tensor([e["user_idx"] for e in examples], dtype=torch.long),
         "valid": torch.tensor([e["valid"] for e in examples], dtype=torch.bool),
     }

@@ -88,7 +88,7 @@ class TDGD(nn.Module):
     def _mix(self, u, q, k, v, og, gate_x, m, phi, mask, initial_state, output_final_state, backend):
         """Gates + delta rule + output gate, shared by forward (T events) and step (T = 1).
         u [B, T, D]; q, k [B, T, H, K]; v, og [B, T, H, V]; gate_x [B, T, 2H]; m [B, T, D] | None;
-        phi, mask [B, T]."""
+        phi, mask [B, T]. Returns (y [B, T, D], o [B, T, H, V], final state | None, (gates, km))."""
         km = vm = l_x = None
         a_x, b_x = gate_x.split(self.H, dim=-1)
         if self.memory:
@@ -111,7 +111,7 @@ class TDGD(nn.Module):
         if self.memory:
             o = o + gates.r[..., None] * vm  # the position reads its own memory pair
         y = self.w_o((self.o_norm(o) * F.silu(og)).flatten(-2))  # [B, T, H, V] -> [B, T, D]
-        return y, o, state
+        return y, o, state, (gates, km)
 
     def forward(
         self, h: torch.Tensor, m: torch.Tensor | None, phi: torch.Tensor, mask: torch.Tensor,
@@ -121,8 +121,15 @@ class TDGD(nn.Module):
         u = self.norm(h)
         x = self.w_in(u)  # [B, T, n_in]
         q, k, v, og, gate_x = self._split(x, self.conv(x[..., : self.n_conv]))
-        y, o, state = self._mix(u, q, k, v, og, gate_x, m, phi, mask, None, return_record, self.kernel_backend)
-        record = {"S": state, "k": k, "v": v, "o": o} if return_record else None
+        y, o, state, (gates, km) = self._mix(u, q, k, v, og, gate_x, m, phi, mask, None, return_record,
+                                             self.kernel_backend)
+        record = None
+        if return_record:  # what the sink diagnostics read (sinkrec.diagnostics)
+            # beta: the write strength the state actually gets (purified: b * (1 - rho));
+            # rho: memory coverage (zero without memory)
+            rho = torch.sigmoid(self.s_rho * (k * km).sum(-1) + self.b_rho) if self.memory else \
+                torch.zeros_like(gates.beta)
+            record = {"S": state, "k": k, "v": v, "o": o, "beta": gates.beta, "rho": rho}
         return y, record
 
     # ---- streaming: O(1) per event ----
@@ -138,8 +145,8 @@ class TDGD(nn.Module):
         x = self.w_in(u)  # [B, 1, n_in]
         conv_out, buf = self.conv.step(x[:, 0, : self.n_conv], cache["conv"])
         q, k, v, og, gate_x = self._split(x, conv_out[:, None])
-        y, _, S = self._mix(u, q, k, v, og, gate_x, None if m is None else m[:, None], phi[:, None], valid[:, None],
-                            cache["S"], True, "recurrent")
+        y, _, S, _ = self._mix(u, q, k, v, og, gate_x, None if m is None else m[:, None], phi[:, None],
+                               valid[:, None], cache["S"], True, "recurrent")
         return y[:, 0], {"conv": buf, "S": S}
 
 

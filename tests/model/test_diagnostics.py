@@ -6,7 +6,10 @@ import math
 import torch
 from model_testkit import habit_drift_batch, make
 
-from sinkrec.diagnostics import effective_rank, occupancy, readout_bias, repeated_mask, sink_diagnostics
+import pytest
+
+from sinkrec.diagnostics import (effective_rank, excess_occupancy, readout_bias, repeat_basis, repeated_mask,
+                                 sink_diagnostics, write_share)
 
 
 def test_repeated_mask_counts_within_each_row():
@@ -15,32 +18,72 @@ def test_repeated_mask_counts_within_each_row():
     assert rep.tolist() == [[False, False, True, False, True, True], [True, True, True, False, False, False]]
 
 
-def test_occupancy_of_known_subspace():
-    K, V = 4, 3
-    S = torch.zeros(1, 1, K, V)
-    S[0, 0, 0] = torch.tensor([3.0, 0, 0])  # energy 9 on key direction e0
-    S[0, 0, 1] = torch.tensor([0, 1.0, 0])  # energy 1 on e1
-    k = torch.zeros(1, 3, 1, K)
-    k[0, :, 0] = torch.tensor([1.0, 0, 0, 0])  # every repeated key is e0
-    rep = torch.tensor([[True, True, False]])
-    torch.testing.assert_close(occupancy(S, k, rep), torch.tensor([[0.9]]))
-    assert torch.isnan(occupancy(S, k, torch.zeros(1, 3, dtype=torch.bool))).all()
+def _one_item_keys(K: int, T: int, direction: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
+    k = direction.expand(1, T, 1, K).clone()
+    return k + noise * torch.randn_like(k)
 
 
-def test_occupancy_with_items_uses_one_direction_per_repeated_item():
+def test_excess_occupancy_known_answers():
+    """Hand-built states: fair share -> 1, state made only of the repeats -> K / r, none -> 0."""
     torch.manual_seed(0)
-    K, V, T = 8, 4, 40
-    S = torch.randn(1, 1, K, V)
-    e0, e1 = torch.eye(K)[0], torch.eye(K)[1]
-    items = torch.tensor([[1, 2] * (T // 2)])  # two items, each repeated 20 times
-    k = torch.where((items == 1)[..., None], e0, e1)[:, :, None].clone()  # [1, T, 1, K]
-    k += 0.05 * torch.randn_like(k)  # every occurrence's key differs a little (its conv context)
+    K, V, T, r = 16, 8, 12, 2
+    e = torch.eye(K)
+    items = torch.tensor([[1, 2, 3] * (T // 3)])  # three repeated items, keys e0, e1, e2
+    k = torch.stack([e[(i - 1) % K] for i in items[0].tolist()])[None, :, None]  # [1, T, 1, K]
     rep = torch.ones(1, T, dtype=torch.bool)
-    # per-position keys span all of R^K, so the spec's literal definition saturates at 1
-    torch.testing.assert_close(occupancy(S, k, rep), torch.ones(1, 1))
-    # per-item mean keys span ~{e0, e1}: the state's energy on those two rows
-    expected = S[0, 0, :2].pow(2).sum() / S[0, 0].pow(2).sum()
-    torch.testing.assert_close(occupancy(S, k, rep, items)[0, 0], expected, atol=0.03, rtol=0)
+    # three equally frequent items have no unique top-2 subspace: item 3's events are not repeats,
+    # so the subspace is exactly span{e0, e1}
+    rep[0, 2::3] = False
+    on = torch.zeros(1, 1, K, V)
+    on[0, 0, :2] = torch.randn(2, V)  # all energy inside span{e0, e1}
+    torch.testing.assert_close(excess_occupancy(on, k, rep, items, rank=r), torch.tensor([[K / r]]))
+    off = torch.zeros(1, 1, K, V)
+    off[0, 0, 2:] = torch.randn(K - 2, V)  # all energy outside
+    torch.testing.assert_close(excess_occupancy(off, k, rep, items, rank=r), torch.zeros(1, 1))
+    # an isotropic state holds r / K of its energy in any r-dimensional subspace: excess 1
+    iso = torch.eye(K)[None, None]
+    torch.testing.assert_close(excess_occupancy(iso, k, rep, items, rank=r), torch.ones(1, 1))
+    # a random Gaussian state is isotropic in expectation
+    rnd = torch.randn(2000, 1, K, V)
+    x = excess_occupancy(rnd, k.expand(2000, -1, -1, -1), rep.expand(2000, -1), items.expand(2000, -1), r)
+    assert abs(x.mean().item() - 1) < 0.05
+    # rows without repeats are NaN; a full-rank subspace is refused
+    assert torch.isnan(excess_occupancy(iso, k, torch.zeros_like(rep), items, rank=r)).all()
+    with pytest.raises(ValueError, match="rank=16 must be < K=16"):
+        excess_occupancy(iso, k, rep, items, rank=K)
+
+
+def test_excess_occupancy_does_not_saturate_with_many_noisy_keys():
+    """Per-position keys (each with its own noise) span all of R^K, the failure of the spec's literal
+    ratio; the per-item mean keys with the rank cap still find the one repeated direction."""
+    torch.manual_seed(1)
+    K, V, T = 16, 8, 300
+    k = _one_item_keys(K, T, torch.eye(K)[0], noise=0.1)
+    items = torch.full((1, T), 7)
+    rep = torch.ones(1, T, dtype=torch.bool)
+    S = torch.zeros(1, 1, K, V)
+    S[0, 0, 0] = 1.0  # energy 1 * V on e0
+    S[0, 0, 5] = 1.0  # and the same on e5, which no repeated key points at
+    x = excess_occupancy(S, k, rep, items, rank=4)  # one item -> one direction: r = 1
+    torch.testing.assert_close(x, torch.tensor([[0.5 * K]]), rtol=0.02, atol=0)
+
+
+def test_repeat_basis_weights_items_by_count():
+    K = 4
+    e = torch.eye(K)
+    keys = torch.stack([e[0]] * 5 + [e[1]] * 2 + [e[2]])  # item 10 x5, 11 x2, 12 x1
+    items = torch.tensor([10] * 5 + [11] * 2 + [12])
+    basis = repeat_basis(keys, items, rank=2)
+    assert basis.shape == (2, K)
+    torch.testing.assert_close(basis.abs() @ e[:3].T, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+
+
+def test_write_share():
+    beta = torch.tensor([[[1.0], [1.0], [0.0], [0.0]]]).expand(1, 4, 1).clone()  # repeats get all writes
+    rep = torch.tensor([[True, True, False, False]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    torch.testing.assert_close(write_share(beta, rep, mask), torch.tensor([[2.0]]))
+    torch.testing.assert_close(write_share(torch.ones(1, 4, 1), rep, mask), torch.tensor([[1.0]]))
 
 
 def test_effective_rank_bounds():
@@ -66,10 +109,11 @@ def test_sink_diagnostics_per_arch():
         model = make(arch).train()
         books = [b.memory.codebooks.clone() for b in model.blocks if b.memory is not None]
         d = sink_diagnostics(model, items, ts, min_repeats=3)
-        assert set(d) == {"sink/occupancy", "sink/repeated_share", "sink/occupancy_excess",
-                          "sink/effective_rank", "sink/readout_bias"}
+        assert set(d) == {"sink/excess_occupancy", "sink/repeated_share", "sink/effective_rank",
+                          "sink/readout_bias", "sink/write_share", "sink/rho_repeated", "sink/rho_other"}
         assert all(math.isfinite(x) for x in d.values())
-        assert 0 <= d["sink/occupancy"] <= 1 + 1e-6 and 0 < d["sink/repeated_share"] <= 1
+        assert 0 <= d["sink/excess_occupancy"] <= 16 / 4 + 1e-4 and 0 < d["sink/repeated_share"] <= 1
+        assert (d["sink/rho_repeated"] == 0) == (arch == "gdn")  # coverage exists only with memory
         assert 1 <= d["sink/effective_rank"] <= 16 + 1e-4
         assert model.training  # mode restored, and no codebook update happened
         assert all(torch.equal(a, b.memory.codebooks) for a, b in zip(books, model.blocks))

@@ -69,7 +69,7 @@ def test_fit_then_test_logged_to_mlflow(trained, tiny_kind_data):
     metrics = run.data.metrics
     for key in ("test/hr_10", "test/ndcg_10", "test/mrr", "test/hr_200", "test/habit/hr_10",
                 "test/dynamic/ndcg_10", "val/ndcg_10", "train/loss_step", "train/events_per_s",
-                "train/epoch_events_per_s", "val/sink/occupancy", "lr-AdamW/pg1"):
+                "train/epoch_events_per_s", "val/sink/excess_occupancy", "lr-AdamW/pg1"):
         assert key in metrics, key
     assert len(client.get_metric_history(run.info.run_id, "val/ndcg_10")) == 2  # per epoch
     assert metrics["test/count"] == 60 and metrics["test/hr_200"] == 1.0  # k > catalogue: all hits

@@ -1,0 +1,491 @@
+"""The SinkBench study: does SinkRec's memory cure the semantic state sink? (`make study`, docs/STUDY.md)
+
+    python -m sinkrec.study [--quick] [--resume] [--work outputs/study] [--report docs/STUDY.md]
+
+1. Data. One SinkBench log per repeat ratio (`pipeline.synth`, same users, items and seed; only the
+   share of habit events changes), preprocessed by the normal pipeline into
+   data/processed/sinkbench-r<ratio>.
+2. Runs. Every (ratio, model, seed) of the grid, and at the highest ratio every SinkRec ablation,
+   trains with `python -m sinkrec fit --config conf/train/sinkbench_study.yaml` under the same budget
+   (epochs, window, width, depth), each run an MLflow child of one parent study run.
+3. Analysis of each run's best checkpoint (chosen on validation) on the test split, per user:
+   the target's rank and kind (habit / dynamic), the habit share of the user's most recent `WINDOW`
+   events (ground truth from SinkBench's `kind` column), and, for the recurrent models, the sink
+   diagnostics of `sinkrec.diagnostics` with the habit events as the repeated set: excess occupancy
+   (rank-limited; 1 = no sink), write share, memory coverage rho on habit vs dynamic events. The
+   overall NDCG@10 recomputed here must equal the trainer's own test metric (checked, 1e-6).
+4. Report: tables (mean +- sample std over seeds), the metric-vs-ratio plot, the behavioural sink
+   curve (NDCG@10 on dynamic targets per bucket of recent habit share) and occupancy vs habit share,
+   written to `--report` with the PNGs beside it, and logged to the parent MLflow run.
+
+`--quick` runs a tiny version of the same machinery (about 2 minutes) and writes its report under
+the work directory, never over docs/STUDY.md. `--resume` reuses finished runs found in the work
+directory (each run's summary.json), so an interrupted study continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = Path("conf/train/sinkbench_study.yaml")
+EXPERIMENT = "sinkbench-study"  # the MLflow experiment of every study run (datasets differ per ratio)
+WINDOW = 64  # "recent window" of the sink curve: the last WINDOW events a user read before the target
+BUCKETS = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 1.0001)  # habit share of the recent window
+MIN_BUCKET = 30  # a bucket needs this many dynamic targets to be plotted
+# SinkRec's ablation switches (SINKREC.md section 5), each run at the highest ratio. `memory: off` is
+# not run separately: `arch: gdn` IS SinkRec with memory off (sinkrec.model.build_model), so the
+# GDN runs at that ratio are that ablation, bit for bit.
+ABLATIONS = {
+    "no_purify_write": ["--model.config.purify_write", "false"],
+    "no_diff_read": ["--model.config.diff_read", "false"],
+    "no_temporal": ["--model.config.temporal", "false"],
+    "one_loop": ["--model.config.n_loops", "1"],
+}
+LABEL = {"sinkrec": "SinkRec", "gdn": "GDN (= memory off)", "sasrec": "SASRec",
+         **{f"sinkrec+{a}": f"SinkRec, {a.replace('_', ' ')}" for a in ABLATIONS}}
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    ratios: tuple[float, ...]
+    seeds: tuple[int, ...]
+    archs: tuple[str, ...]
+    ablations: tuple[str, ...]
+    users: int
+    items: int
+    epochs: int
+    max_len: int
+    extra: tuple[str, ...] = ()  # more `sinkrec fit` overrides, the same for every run
+
+
+FULL = Grid("sinkbench", ratios=(0.1, 0.4, 0.7), seeds=(1, 2), archs=("sinkrec", "gdn", "sasrec"),
+            ablations=tuple(ABLATIONS), users=3000, items=2000, epochs=8, max_len=256)
+QUICK = Grid("sinkbench-quick", ratios=(0.1, 0.7), seeds=(1,), archs=("sinkrec", "gdn", "sasrec"),
+             ablations=("one_loop",), users=300, items=400, epochs=1, max_len=64,
+             extra=("--data.batch_size", "16", "--optimizer.warmup_steps", "5", "--model.config.n_codes", "32"))
+
+
+@dataclass(frozen=True)
+class Run:
+    ratio: float
+    model: str  # "sinkrec" | "gdn" | "sasrec" | "sinkrec+<ablation>"
+    seed: int
+
+    @property
+    def arch(self) -> str:
+        return self.model.split("+")[0]
+
+    @property
+    def tag(self) -> str:
+        return f"r{self.ratio}-{self.model}-s{self.seed}"
+
+
+def grid_runs(g: Grid) -> list[Run]:
+    runs = [Run(r, a, s) for r in g.ratios for a in g.archs for s in g.seeds]
+    top = max(g.ratios)
+    return runs + [Run(top, f"sinkrec+{a}", s) for a in g.ablations for s in g.seeds]
+
+
+def dataset_root(g: Grid, ratio: float) -> Path:
+    return Path("data/processed") / f"{g.name}-r{ratio}"
+
+
+def prepare_data(g: Grid, ratio: float) -> Path:
+    """Generate and preprocess one SinkBench log (deterministic; seconds). Returns the processed dir."""
+    raw = Path("data/raw") / f"{g.name}-r{ratio}" / "events.parquet"
+    out = dataset_root(g, ratio)
+    py = sys.executable
+    subprocess.run([py, "-m", "pipeline.synth", "--users", str(g.users), "--items", str(g.items), "--seed", "0",
+                    "--repeat-ratio", str(ratio), "--out", str(raw)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([py, "-m", "pipeline", "--config", "conf/pipeline/sinkbench.yaml", "--input", str(raw),
+                    "--out", str(out), "--name", out.name, "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+# ---------------------------------------------------------------- per-user analysis of one run
+def load_model(ckpt: str):
+    from sinkrec.lit_module import SeqRecModule
+
+    return SeqRecModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).model.eval()
+
+
+def analyse(ckpt: str, root: Path, max_len: int, batch_size: int = 128) -> dict[str, np.ndarray]:
+    """Per test user of `root`: rank, target kind, recent habit share and the sink measures."""
+    import torch
+
+    from sinkrec.data import SeqRecDataModule
+    from sinkrec.diagnostics import per_user
+    from sinkrec.metrics import target_ranks
+
+    model = load_model(ckpt)
+    dm = SeqRecDataModule(root=str(root), max_len=max_len, eval_batch_size=batch_size, verify=False)
+    cols: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        table = model.item_embeddings()
+        for batch in dm.loader("test", rank=0, world=1):
+            items, real = batch["items"], batch["items"] != 0
+            out = model(items, batch["ts"], return_states=True)
+            ranks = target_ranks(out.hidden[:, -1], table, batch["targets"][:, -1])  # LOO: one target, last
+            habit = (batch["input_kind"] == 1) & real
+            recent = real[:, -WINDOW:].sum(1).clamp_min(1)
+            rec = {"user_idx": batch["user_idx"], "rank": ranks, "kind": batch["target_kind"][:, -1],
+                   "recent_habit_share": habit[:, -WINDOW:].sum(1) / recent,
+                   "habit_share": habit.sum(1) / real.sum(1).clamp_min(1)}
+            if out.states:
+                rec.update(per_user(out.states, items, habit))
+            for k, v in rec.items():
+                cols.setdefault(k, []).append(v.float().numpy() if v.is_floating_point() else v.numpy())
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def ndcg10(ranks: np.ndarray) -> np.ndarray:
+    return np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def summarise(a: dict[str, np.ndarray]) -> dict[str, float]:
+    """One run's numbers from its per-user analysis."""
+    nd, hit = ndcg10(a["rank"]), (a["rank"] <= 10).astype(float)
+    s: dict[str, float] = {"ndcg_10": nd.mean(), "hr_10": hit.mean(), "users": float(len(nd))}
+    for name, code in (("habit", 1), ("dynamic", 0)):
+        m = a["kind"] == code
+        s[f"{name}/ndcg_10"], s[f"{name}/hr_10"], s[f"{name}/count"] = nd[m].mean(), hit[m].mean(), float(m.sum())
+    for k in ("excess_occupancy", "effective_rank", "write_share", "readout_bias", "rho_repeated", "rho_other"):
+        if k in a:
+            s[k] = float(np.nanmean(a[k]))
+    return {k: float(v) for k, v in s.items()}
+
+
+def bucket_curve(a: dict[str, np.ndarray], value: str, dynamic_only: bool) -> list[tuple[float, int]]:
+    """Mean of `value` ("ndcg_10" or a per-user measure) per bucket of recent habit share."""
+    share = a["recent_habit_share"]
+    vals = ndcg10(a["rank"]) if value == "ndcg_10" else a[value]
+    keep = (a["kind"] == 0) if dynamic_only else np.ones(len(share), bool)
+    out = []
+    for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]):
+        m = keep & (share >= lo) & (share < hi) & np.isfinite(vals)
+        out.append((float(vals[m].mean()) if m.sum() >= MIN_BUCKET else float("nan"), int(m.sum())))
+    return out
+
+
+# ---------------------------------------------------------------- one run end to end
+def train_and_analyse(g: Grid, run: Run, parent: str, uri: str, work: Path, resume: bool) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from sinkrec.compare import run_one
+
+    out = work / run.tag
+    summary_file = out / "summary.json"
+    if resume and summary_file.exists():
+        print(f"[study] {run.tag}: reusing {summary_file}", flush=True)
+        return json.loads(summary_file.read_text())
+    root = dataset_root(g, run.ratio)
+    extra = ["--data.root", str(root), "--model.config.arch", run.arch, "--trainer.max_epochs", str(g.epochs),
+             "--data.max_len", str(g.max_len), "--model.evaluation.diag_users", "32", *g.extra]
+    for a in run.model.split("+")[1:]:
+        extra += ABLATIONS[a]
+    row = run_one(CONFIG, run.seed, run.tag, parent, EXPERIMENT, uri, extra, work)
+    row.update(dataclasses.asdict(run), model=run.model)
+    if row["rc"] != 0 or "metrics" not in row:
+        return row
+    final = json.loads((out / "metrics_test.json").read_text())
+    t0 = time.perf_counter()
+    a = analyse(final["best_checkpoint"], root, g.max_len)
+    np.savez_compressed(out / "analysis.npz", **a)
+    row["summary"] = summarise(a)
+    row["analysis_s"] = time.perf_counter() - t0
+    # the recomputed metric must be the trainer's own (same checkpoint, same test users)
+    trainer_ndcg = row["metrics"]["test/ndcg_10"]
+    row["consistent"] = abs(row["summary"]["ndcg_10"] - trainer_ndcg) < 1e-6
+    if not row["consistent"]:
+        print(f"[study] {run.tag}: WARNING analysis NDCG@10 {row['summary']['ndcg_10']:.6f} != trainer's "
+              f"{trainer_ndcg:.6f}", flush=True)
+    client = MlflowClient(uri)
+    for k, v in row["summary"].items():
+        if math.isfinite(v):
+            client.log_metric(row["run_id"], f"study/{k}", v)
+    client.log_artifact(row["run_id"], str(out / "analysis.npz"), "study")
+    summary_file.write_text(json.dumps(row, indent=2))
+    return row
+
+
+# ---------------------------------------------------------------- report
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+def fmt(xs: list[float], digits: int = 4) -> str:
+    m, s = mean_std(xs)
+    if not math.isfinite(m):
+        return "-"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if math.isfinite(s) else "")
+
+
+TABLE = [("ndcg_10", "NDCG@10"), ("hr_10", "HR@10"), ("habit/ndcg_10", "NDCG@10 habit"),
+         ("dynamic/ndcg_10", "NDCG@10 dynamic"), ("dynamic/hr_10", "HR@10 dynamic"),
+         ("excess_occupancy", "excess occ."), ("write_share", "write share"),
+         ("rho_repeated", "ρ habit"), ("rho_other", "ρ dynamic")]
+
+
+def group(rows: list[dict]) -> dict[tuple[float, str], list[dict]]:
+    out: dict[tuple[float, str], list[dict]] = {}
+    for r in rows:
+        if r.get("summary"):
+            out.setdefault((r["ratio"], r["model"]), []).append(r)
+    return out
+
+
+def results_table(groups: dict, keys: list[tuple[float, str]]) -> list[str]:
+    head = ["ratio", "model", "seeds", *(c for _, c in TABLE), "best epoch (0-based)", "min / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in keys:
+        rs = groups.get(key)
+        if not rs:
+            continue
+        cells = [f"{key[0]}", LABEL.get(key[1], key[1]), str(len(rs))]
+        cells += [fmt([r["summary"].get(k, float("nan")) for r in rs], 3 if k not in ("ndcg_10",) else 4)
+                  if k in rs[0]["summary"] else "-" for k, _ in TABLE]
+        cells += [", ".join(str(r.get("best_epoch", "?")) for r in rs), f"{statistics.fmean(r['wall_s'] for r in rs) / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group(rows)
+    analyses = {r["tag"]: dict(np.load(work / r["tag"] / "analysis.npz")) for r in rows if r.get("summary")}
+    colors = {"sinkrec": "C0", "gdn": "C1", "sasrec": "C2"}
+    outdir.mkdir(parents=True, exist_ok=True)
+    files = []
+    # 1. metric vs repeat ratio
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (k, title) in zip(axes, (("ndcg_10", "NDCG@10, all targets"), ("dynamic/ndcg_10", "NDCG@10, dynamic targets"),
+                                     ("habit/ndcg_10", "NDCG@10, habit targets"))):
+        for arch in g.archs:
+            ms = [mean_std([r["summary"][k] for r in groups.get((x, arch), [])]) for x in g.ratios]
+            ax.errorbar(g.ratios, [m for m, _ in ms], yerr=[0 if not math.isfinite(s) else s for _, s in ms],
+                        marker="o", capsize=3, label=LABEL[arch], color=colors[arch])
+        ax.set_xlabel("repeat ratio (SinkBench)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    files.append(outdir / "metric_vs_ratio.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    # 2. the sink curve and 3. occupancy vs habit share: users pooled over ratios, mean +- std over seeds
+    centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:])]
+    for value, dyn, name, ylabel, archs in (
+            ("ndcg_10", True, "sink_curve.png", "NDCG@10 on dynamic targets", g.archs),
+            ("excess_occupancy", False, "occupancy_vs_share.png", "excess occupancy (1 = no sink)",
+             tuple(a for a in g.archs if a != "sasrec"))):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for arch in archs:
+            per_seed = []
+            for seed in g.seeds:
+                pooled: dict[str, list[np.ndarray]] = {}
+                for x in g.ratios:
+                    tag = Run(x, arch, seed).tag
+                    if tag in analyses:
+                        for k, v in analyses[tag].items():
+                            pooled.setdefault(k, []).append(v)
+                if pooled:
+                    per_seed.append([m for m, _ in bucket_curve({k: np.concatenate(v) for k, v in pooled.items()},
+                                                                value, dyn)])
+            if not per_seed:
+                continue
+            arr = np.array(per_seed)
+            mean = np.nanmean(arr, 0) if arr.size else arr
+            std = np.nanstd(arr, 0, ddof=1) if len(per_seed) > 1 else np.zeros_like(mean)
+            ax.errorbar(centers, mean, yerr=std, marker="o", capsize=3, label=LABEL[arch], color=colors[arch])
+        ax.set_xlabel(f"habit share of the last {WINDOW} events (ground truth)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        files.append(outdir / name)
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def curve_table(g: Grid, rows: list[dict], work: Path, value: str, dyn: bool, archs) -> list[str]:
+    """The plotted curve as numbers: per bucket, mean over seeds (and the target count of seed 1)."""
+    analyses = {r["tag"]: dict(np.load(work / r["tag"] / "analysis.npz")) for r in rows if r.get("summary")}
+    head = ["model", *(f"[{lo:.2f}, {min(hi, 1):.2f})" for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arch in archs:
+        per_seed, counts = [], None
+        for seed in g.seeds:
+            tags = [Run(x, arch, seed).tag for x in g.ratios if Run(x, arch, seed).tag in analyses]
+            if not tags:
+                continue
+            pooled = {k: np.concatenate([analyses[t][k] for t in tags]) for k in analyses[tags[0]]}
+            curve = bucket_curve(pooled, value, dyn)
+            per_seed.append([m for m, _ in curve])
+            counts = counts or [n for _, n in curve]
+        if per_seed:
+            cols = np.array(per_seed).T
+            lines.append("| " + " | ".join([LABEL[arch], *(f"{fmt(list(c), 3)} (n={n})" for c, n in zip(cols, counts))]) + " |")
+    return lines
+
+
+def verdict(g: Grid, groups: dict) -> list[str]:
+    top = max(g.ratios)
+    s = {r["seed"]: r["summary"]["dynamic/ndcg_10"] for r in groups.get((top, "sinkrec"), [])}
+    d = {r["seed"]: r["summary"]["dynamic/ndcg_10"] for r in groups.get((top, "gdn"), [])}
+    seeds = sorted(set(s) & set(d))
+    if not seeds:
+        return ["(no paired SinkRec / GDN runs at the highest ratio)"]
+    gains = [s[k] / d[k] - 1 for k in seeds]
+    occ_s = [r["summary"].get("excess_occupancy", float("nan")) for r in groups[(top, "sinkrec")]]
+    occ_g = [r["summary"].get("excess_occupancy", float("nan")) for r in groups[(top, "gdn")]]
+    m, sd = mean_std(gains)
+    met = m >= 0.10 and min(gains) > 0 and mean_std(occ_s)[0] < mean_std(occ_g)[0]
+    return [f"At repeat ratio {top}: SinkRec vs GDN, NDCG@10 on dynamic targets, relative gain per seed "
+            f"{', '.join(f'{x:+.1%}' for x in gains)} (mean {m:+.1%}" + (f" ± {sd:.1%}" if math.isfinite(sd) else "") + "); "
+            f"excess occupancy SinkRec {fmt(occ_s, 3)} vs GDN {fmt(occ_g, 3)}.",
+            f"Target (≥ +10% on dynamic targets, every seed better, lower excess occupancy): "
+            f"**{'met' if met else 'not met'}**."]
+
+
+def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, parent: str, uri: str,
+           wall: float) -> str:
+    from sinkrec.compare import machine
+
+    groups = group(rows)
+    figdir = path.parent / ("study" if path.name == "STUDY.md" else "figures")
+    files = plots(g, rows, work, figdir)
+    main_keys = [(x, a) for x in g.ratios for a in g.archs]
+    top = max(g.ratios)
+    abl_keys = [(top, "sinkrec"), (top, "gdn"), *((top, f"sinkrec+{a}") for a in g.ablations)]
+    failed = [r["tag"] for r in rows if not r.get("summary")]
+    inconsistent = [r["tag"] for r in rows if r.get("summary") and not r.get("consistent")]
+    rel = lambda p: os.path.relpath(p, path.parent)
+    md = [
+        f"# SinkBench study ({g.name})", "",
+        f"- command: `{command}`; {len(rows)} runs, {wall / 60:.0f} min wall",
+        f"- date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {machine()}",
+        f"- data: `pipeline.synth --users {g.users} --items {g.items} --seed 0 --repeat-ratio R`, R in "
+        f"{list(g.ratios)}; leave-one-out split (test = each user's last event; its `kind` makes it a "
+        "habit or a dynamic target)",
+        f"- training: `{CONFIG}` + `--trainer.max_epochs {g.epochs} --data.max_len {g.max_len}` "
+        f"{shlex.join(g.extra)}; seeds {list(g.seeds)}; the checkpoint with the best validation NDCG@10 "
+        "is tested once",
+        f"- MLflow: parent run `{parent}` in experiment `{EXPERIMENT}` (store `{uri}`); every run is a child",
+        "- history items stay candidates (habits repeat, so the right answer is often a seen item)",
+        "- excess occupancy: energy of the final state in the top-4 subspace of the habit items' mean keys,"
+        " over the 4/32 a random subspace holds (docs/MODEL.md); 1 = no sink. write share: habit events'"
+        " share of the write strength over their share of events. ρ: memory coverage (0 without memory).",
+        "",
+        *( [f"**Failed runs:** {', '.join(failed)}", ""] if failed else []),
+        *( [f"**Analysis disagrees with the trainer's test metric:** {', '.join(inconsistent)}", ""]
+           if inconsistent else ["Every run's recomputed test NDCG@10 equals the trainer's own (|Δ| < 1e-6).", ""]),
+        "## Verdict", "", *verdict(g, groups), "",
+        "## Grid (mean ± sample std over seeds)", "", *results_table(groups, main_keys), "",
+        f"## Ablations at repeat ratio {top}", "",
+        "`memory: off` is the GDN row: `arch: gdn` builds SinkRec with `memory=False` (the same code path).", "",
+        *results_table(groups, abl_keys), "",
+        "## Figures", "",
+        *(f"![{f.stem}]({rel(f)})" for f in files), "",
+        f"### The sink curve: NDCG@10 on dynamic targets by habit share of the last {WINDOW} events", "",
+        "Users of all ratios pooled per model and seed; mean ± std over seeds; n = dynamic targets in the "
+        f"bucket (first seed); buckets with < {MIN_BUCKET} targets are left out.", "",
+        *curve_table(g, rows, work, "ndcg_10", True, g.archs), "",
+        "### Excess occupancy by habit share of the last 64 events (all test users)", "",
+        *curve_table(g, rows, work, "excess_occupancy", False, tuple(a for a in g.archs if a != "sasrec")), "",
+        "## Runs", "",
+        "| run | MLflow run | test NDCG@10 (trainer) | best epoch | wall min |", "|---|---|---|---|---|",
+        *(f"| {r['tag']} | `{r.get('run_id', '-')[:8]}` | "
+          f"{r['metrics']['test/ndcg_10']:.4f} | {r.get('best_epoch', '?')} | {r['wall_s'] / 60:.1f} |"
+          if r.get("metrics") else f"| {r['tag']} | - | FAILED (exit {r['rc']}) | - | - |" for r in rows), "",
+    ]
+    text = "\n".join(md)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    (path.parent / (path.stem + ".json")).write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    import mlflow
+
+    for f in files:
+        mlflow.log_artifact(str(f), "figures")
+    mlflow.log_text(text, "STUDY.md")
+    return text
+
+
+def best_epochs(rows: list[dict], uri: str) -> None:
+    """The epoch whose checkpoint was tested (best validation NDCG@10), from each run's history."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for r in rows:
+        if r.get("run_id") and "best_epoch" not in r:
+            hist = client.get_metric_history(r["run_id"], "val/ndcg_10")
+            if hist:
+                r["best_epoch"] = max(range(len(hist)), key=lambda i: hist[i].value)
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m sinkrec.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny grid (~2 min): checks the machinery")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs found in the work directory")
+    p.add_argument("--work", type=Path, default=None, help="per-run outputs (default outputs/study[-quick])")
+    p.add_argument("--report", type=Path, default=None,
+                   help="markdown report (default docs/STUDY.md; --quick: <work>/STUDY.md)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    args = p.parse_args(argv)
+    g = QUICK if args.quick else FULL
+    work = args.work or Path("outputs") / ("study-quick" if args.quick else "study")
+    path = args.report or (work / "STUDY.md" if args.quick else Path("docs/STUDY.md"))
+    command = shlex.join(["python", "-m", "sinkrec.study", *argv])
+
+    import mlflow
+
+    from sinkrec.cli import _artifact_location, tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri, EXPERIMENT))
+    mlflow.set_experiment(EXPERIMENT)
+    t0 = time.perf_counter()
+    for ratio in g.ratios:
+        print(f"[study] data: {prepare_data(g, ratio)}", flush=True)
+    runs = grid_runs(g)
+    rows = []
+    with mlflow.start_run(run_name=f"study-{g.name}") as parent:
+        mlflow.set_tags({"study.grid": json.dumps(dataclasses.asdict(g)), "study.command": command})
+        for i, run in enumerate(runs):
+            print(f"[study] run {i + 1}/{len(runs)}: {run.tag} ({(time.perf_counter() - t0) / 60:.1f} min so far)",
+                  flush=True)
+            rows.append(train_and_analyse(g, run, parent.info.run_id, uri, work, args.resume))
+        best_epochs(rows, uri)
+        text = report(g, rows, work, path, command, parent.info.run_id, uri, time.perf_counter() - t0)
+    print(text)
+    print(f"[study] wrote {path}")
+    return 0 if all(r.get("summary") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
