@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gather_err = self_check(rb_c.module, val[0])
     assert gather_err < 1e-5, f"adapter != RecBole's gathered forward (max abs diff {gather_err})"
 
-    train_loader.batch_sampler.sampler.set_epoch(0)
+    train_loader.sampler.set_epoch(0)
     pop = summary(popularity_ranks(materialise(train_loader), val, dm.num_items))
     print(f"data {dm.name}: {dm.num_items} items, {len(val)} val batches; popularity val NDCG@10 "
           f"{pop['ndcg_10']:.4f}; params ours {ours_c.n_params():,} RecBole {rb_c.n_params():,}; "
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for epoch in range(args.epochs):
         t_epoch = time.perf_counter()
-        train_loader.batch_sampler.sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)
         batches = materialise(train_loader)
         row: dict[str, Any] = {"epoch": epoch + 1, "batches": len(batches),
                                "targets": int(sum(int((b["targets"] != 0).sum()) for b in batches))}

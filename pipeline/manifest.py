@@ -8,17 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.schema import FORMAT_VERSION
-
-MANIFEST = "manifest.json"
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from pipeline.contract import FORMAT_VERSION, MANIFEST, sha256_of
 
 
 def describe_sources(files: list[Path]) -> list[dict[str, Any]]:

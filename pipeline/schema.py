@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import polars as pl
 
-FORMAT_VERSION = 1
+from pipeline.contract import FORMAT_VERSION, ITEM_IDX, TS, USER_IDX  # noqa: F401 (the output contract)
 
 # Working columns.
 USER = "user"
 ITEM = "item"
-TS = "ts"
 RATING = "rating"
 POS = "_pos"
 SHARD = "_shard"
 
 POS_FILE_SHIFT = 40  # 2**40 records per file, 2**23 files: far beyond any real log.
 
-# Output columns.
-USER_IDX = "user_idx"
-ITEM_IDX = "item_idx"
+# Output columns (USER_IDX, ITEM_IDX, TS: pipeline.contract).
 RAW_USER_ID = "raw_user_id"
 RAW_ITEM_ID = "raw_item_id"
 

@@ -178,6 +178,8 @@ class SeqRecModule(pl.LightningModule):
         from sinkrec.diagnostics import sink_diagnostics  # lazy: only this epoch hook needs it
 
         keep = batch["valid"].nonzero(as_tuple=True)[0][: self.evaluation.diag_users]
+        if len(keep) == 0:  # a rank-balancing empty batch
+            return
         # returns {} for models without a recurrent state (SASRec); keys look like "sink/excess_occupancy"
         diag = sink_diagnostics(self.model, batch["items"][keep], batch["ts"][keep],
                                 min_repeats=self.evaluation.diag_min_repeats)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -132,7 +133,7 @@ def analyse(ckpt: str, root: Path, max_len: int, batch_size: int = 128) -> dict[
     from sinkrec.metrics import target_ranks
 
     model = load_model(ckpt)
-    dm = SeqRecDataModule(root=str(root), max_len=max_len, eval_batch_size=batch_size, verify=False)
+    dm = SeqRecDataModule(root=str(root), max_len=max_len, eval_batch_size=batch_size, verify="off")
     cols: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         table = model.item_embeddings()
@@ -175,7 +176,7 @@ def bucket_curve(a: dict[str, np.ndarray], value: str, dynamic_only: bool) -> li
     vals = ndcg10(a["rank"]) if value == "ndcg_10" else a[value]
     keep = (a["kind"] == 0) if dynamic_only else np.ones(len(share), bool)
     out = []
-    for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]):
+    for lo, hi in itertools.pairwise(BUCKETS):
         m = keep & (share >= lo) & (share < hi) & np.isfinite(vals)
         out.append((float(vals[m].mean()) if m.sum() >= MIN_BUCKET else float("nan"), int(m.sum())))
     return out
@@ -294,7 +295,7 @@ def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
     # 2. the sink curve and 3. occupancy vs habit share: users pooled over ratios, mean +- std over seeds
-    centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:])]
+    centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in itertools.pairwise(BUCKETS)]
     for value, dyn, name, ylabel, archs in (
             ("ndcg_10", True, "sink_curve.png", "NDCG@10 on dynamic targets", g.archs),
             ("excess_occupancy", False, "occupancy_vs_share.png", "excess occupancy (1 = no sink)",
@@ -332,7 +333,7 @@ def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
 def curve_table(g: Grid, rows: list[dict], work: Path, value: str, dyn: bool, archs) -> list[str]:
     """The plotted curve as numbers: per bucket, mean over seeds (and the target count of seed 1)."""
     analyses = {r["tag"]: dict(np.load(work / r["tag"] / "analysis.npz")) for r in rows if r.get("summary")}
-    head = ["model", *(f"[{lo:.2f}, {min(hi, 1):.2f})" for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]))]
+    head = ["model", *(f"[{lo:.2f}, {min(hi, 1):.2f})" for lo, hi in itertools.pairwise(BUCKETS))]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arch in archs:
         per_seed, counts = [], None
@@ -365,8 +366,8 @@ def verdict(g: Grid, groups: dict) -> list[str]:
     return [f"At repeat ratio {top}: SinkRec vs GDN, NDCG@10 on dynamic targets, relative gain per seed "
             f"{', '.join(f'{x:+.1%}' for x in gains)} (mean {m:+.1%}" + (f" ± {sd:.1%}" if math.isfinite(sd) else "") + "); "
             f"excess occupancy SinkRec {fmt(occ_s, 3)} vs GDN {fmt(occ_g, 3)}.",
-            f"Target (≥ +10% on dynamic targets, every seed better, lower excess occupancy): "
-            f"**{'met' if met else 'not met'}**."]
+            (f"Target (≥ +10% on dynamic targets, every seed better, lower excess occupancy): "
+            f"**{'met' if met else 'not met'}**.")]
 
 
 def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, parent: str, uri: str,
@@ -386,17 +387,17 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         f"# SinkBench study ({g.name})", "",
         f"- command: `{command}`; {len(rows)} runs, {wall / 60:.0f} min wall",
         f"- date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {machine()}",
-        f"- data: `pipeline.synth --users {g.users} --items {g.items} --seed 0 --repeat-ratio R`, R in "
+        (f"- data: `pipeline.synth --users {g.users} --items {g.items} --seed 0 --repeat-ratio R`, R in "
         f"{list(g.ratios)}; leave-one-out split (test = each user's last event; its `kind` makes it a "
-        "habit or a dynamic target)",
-        f"- training: `{CONFIG}` + `--trainer.max_epochs {g.epochs} --data.max_len {g.max_len}` "
+        "habit or a dynamic target)"),
+        (f"- training: `{CONFIG}` + `--trainer.max_epochs {g.epochs} --data.max_len {g.max_len}` "
         f"{shlex.join(g.extra)}; seeds {list(g.seeds)}; the checkpoint with the best validation NDCG@10 "
-        "is tested once",
+        "is tested once"),
         f"- MLflow: parent run `{parent}` in experiment `{EXPERIMENT}` (store `{uri}`); every run is a child",
         "- history items stay candidates (habits repeat, so the right answer is often a seen item)",
-        "- excess occupancy: energy of the final state in the top-4 subspace of the habit items' mean keys,"
+        ("- excess occupancy: energy of the final state in the top-4 subspace of the habit items' mean keys,"
         " over the 4/32 a random subspace holds (docs/MODEL.md); 1 = no sink. write share: habit events'"
-        " share of the write strength over their share of events. ρ: memory coverage (0 without memory).",
+        " share of the write strength over their share of events. ρ: memory coverage (0 without memory)."),
         "",
         *( [f"**Failed runs:** {', '.join(failed)}", ""] if failed else []),
         *( [f"**Analysis disagrees with the trainer's test metric:** {', '.join(inconsistent)}", ""]
@@ -409,8 +410,8 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         "## Figures", "",
         *(f"![{f.stem}]({rel(f)})" for f in files), "",
         f"### The sink curve: NDCG@10 on dynamic targets by habit share of the last {WINDOW} events", "",
-        "Users of all ratios pooled per model and seed; mean ± std over seeds; n = dynamic targets in the "
-        f"bucket (first seed); buckets with < {MIN_BUCKET} targets are left out.", "",
+        ("Users of all ratios pooled per model and seed; mean ± std over seeds; n = dynamic targets in the "
+        f"bucket (first seed); buckets with < {MIN_BUCKET} targets are left out."), "",
         *curve_table(g, rows, work, "ndcg_10", True, g.archs), "",
         "### Excess occupancy by habit share of the last 64 events (all test users)", "",
         *curve_table(g, rows, work, "excess_occupancy", False, tuple(a for a in g.archs if a != "sasrec")), "",

@@ -1,6 +1,6 @@
-"""Processed shards -> per-rank, left-padded batches (docs/CONTRACTS.md §1-§2)."""
+"""Processed shards -> per-rank, left-padded batches, streamed (docs/CONTRACTS.md §1-§2)."""
 
 from sinkrec.data.datamodule import SeqRecDataModule
-from sinkrec.data.shards import ShardError, load_manifest, read_shards, verify_shards
+from sinkrec.data.shards import ShardError, ShardIndex, load_manifest, verify_shards
 
-__all__ = ["SeqRecDataModule", "ShardError", "load_manifest", "read_shards", "verify_shards"]
+__all__ = ["SeqRecDataModule", "ShardError", "ShardIndex", "load_manifest", "verify_shards"]

@@ -101,12 +101,12 @@ def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         L = len(e["items"])
         if L == 0:
             continue
-        items[b, T - L :] = torch.from_numpy(np.asarray(e["items"], dtype=np.int64))
-        ts[b, T - L :] = torch.from_numpy(np.asarray(e["ts"], dtype=np.int64))
+        items[b, T - L :] = torch.from_numpy(np.array(e["items"], dtype=np.int64))
+        ts[b, T - L :] = torch.from_numpy(np.array(e["ts"], dtype=np.int64))
         if e.get("input_kind") is not None:
             input_kind[b, T - L :] = torch.from_numpy(e["input_kind"])
         if e["valid"]:
-            targets[b, T - L :] = torch.from_numpy(np.asarray(e["targets"], dtype=np.int64))
+            targets[b, T - L :] = torch.from_numpy(np.array(e["targets"], dtype=np.int64))
             if e["kind"] is not None:
                 kind[b, T - L :] = torch.from_numpy(e["kind"])
     return {

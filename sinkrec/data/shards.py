@@ -1,24 +1,44 @@
-"""Read a processed dataset directory (docs/CONTRACTS.md §1): manifest, sha256 checks, shard rows.
+"""Read a processed dataset directory (docs/CONTRACTS.md section 1) without holding it in memory.
 
-    manifest = load_manifest(root)          # parsed + validated manifest.json
-    verify_shards(root, manifest)           # raises ShardError naming the first bad file
-    table = read_shards(root, manifest)     # UserTable: per-user ragged arrays, shard-major order
+    manifest = load_manifest(root)              # parsed + validated manifest.json
+    index = ShardIndex.build(root, manifest)     # Parquet footers only: the row groups and their sizes
+    rows = index.read(unit)                     # one slice of one row group: UserRows (CSR arrays)
+
+A `Unit` (a slice of one row group of one shard) is what ranks and workers are dealt
+(sinkrec.data.stream). Verification (`data.verify`):
+    full  sha256 of every shard at set-up, on every rank (today's cost: reads the whole dataset once)
+    own   sha256 of a shard the first time THIS process opens it, before any of its rows are used
+          (a rank reads only the shards it is dealt; a corrupt one fails before a step trains on it)
+    off   no hashing; a truncated or unreadable file still fails, naming the file, and every row
+          group is checked against its footer and the manifest's counts
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.manifest import sha256_of  # one definition of the hash the manifest records
-from pipeline.schema import FORMAT_VERSION
+from pipeline.contract import (
+    FORMAT_VERSION,
+    ITEM_DTYPE,
+    ITEM_IDX,
+    MANIFEST,
+    PROTOCOLS,
+    REQUIRED_COLUMNS,
+    TS,
+    USER_IDX,
+    sha256_of,
+)
 
-REQUIRED_COLUMNS = ("user_idx", "item_idx", "ts")
+Verify = Literal["full", "own", "off"]
+VERIFY_MODES = ("full", "own", "off")
 
 
 class ShardError(RuntimeError):
@@ -27,13 +47,16 @@ class ShardError(RuntimeError):
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
     """Parse `<root>/manifest.json` and check the keys training relies on."""
-    path = Path(root) / "manifest.json"
+    path = Path(root) / MANIFEST
     if not path.is_file():
         raise ShardError(
             f"{path}: no manifest. Build the directory with "
             f"`python -m pipeline --config conf/pipeline/<name>.yaml` (or `make preprocess DATASET=<name>`)."
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e}); re-run the pipeline to rewrite it") from None
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ShardError(f"{path}: format_version is {version!r}, this reader understands {FORMAT_VERSION}")
@@ -41,8 +64,8 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
         if key not in manifest:
             raise ShardError(f"{path}: missing key {key!r} (see docs/CONTRACTS.md §1)")
     protocol = manifest["split"].get("protocol")
-    if protocol not in ("leave_one_out", "time_cutoff"):
-        raise ShardError(f"{path}: split.protocol is {protocol!r}; expected 'leave_one_out' or 'time_cutoff'")
+    if protocol not in PROTOCOLS:
+        raise ShardError(f"{path}: split.protocol is {protocol!r}; expected one of {PROTOCOLS}")
     if protocol == "time_cutoff" and not {"valid_ts", "test_ts"} <= manifest["split"].keys():
         raise ShardError(f"{path}: split.protocol 'time_cutoff' needs integer 'valid_ts' and 'test_ts'")
     return manifest
@@ -55,38 +78,53 @@ def shard_path(root: str | Path, entry: dict[str, Any]) -> Path:
     rel = str(entry.get("path", ""))
     path = root / rel
     if Path(rel).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
-        raise ShardError(f"{root / 'manifest.json'}: shard path {rel!r} points outside the dataset directory "
+        raise ShardError(f"{root / MANIFEST}: shard path {rel!r} points outside the dataset directory "
                          f"{root}; shard paths must be relative, like 'shards/part-00000.parquet'")
     return path
 
 
+def verify_shard(root: Path, entry: dict[str, Any]) -> None:
+    path = shard_path(root, entry)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard listed in {root / MANIFEST} is missing")
+    digest = sha256_of(path)
+    if digest != entry["sha256"]:
+        raise ShardError(
+            f"{path}: sha256 {digest} does not match {entry['sha256']} recorded in "
+            f"{root / MANIFEST}; the shard changed after preprocessing. Re-run the pipeline."
+        )
+
+
 def verify_shards(root: str | Path, manifest: dict[str, Any]) -> None:
     """Check every shard listed in the manifest exists and has the recorded sha256."""
-    root = Path(root)
     for entry in manifest["shards"]:
-        path = shard_path(root, entry)
-        if not path.is_file():
-            raise ShardError(f"{path}: shard listed in {root / 'manifest.json'} is missing")
-        digest = sha256_of(path)
-        if digest != entry["sha256"]:
-            raise ShardError(
-                f"{path}: sha256 {digest} does not match {entry['sha256']} recorded in "
-                f"{root / 'manifest.json'}; the shard changed after preprocessing. Re-run the pipeline."
-            )
+        verify_shard(Path(root), entry)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows [lo, hi) of row group `row_group` of shard `shard`; `events` is estimated pro rata from
+    the row group's footer (for balancing only)."""
+
+    shard: int
+    row_group: int
+    lo: int
+    hi: int
+    events: int
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
 
 
 @dataclass
-class UserTable:
-    """All users of a dataset as ragged arrays (CSR layout), in shard-major order.
-
-    Row r's events are `items[offsets[r]:offsets[r+1]]` (oldest first); `shard[r]` is its shard index.
-    `side` holds one flat array per side column (same layout as `items`).
-    """
+class UserRows:
+    """Users of one unit as ragged arrays (CSR): user r's events are `items[offsets[r]:offsets[r+1]]`,
+    oldest first. Items stay int32 (the contract's dtype); side columns keep their written dtype."""
 
     user_idx: np.ndarray  # [U] int64
-    shard: np.ndarray  # [U] int32
     offsets: np.ndarray  # [U + 1] int64
-    items: np.ndarray  # [E] int64
+    items: np.ndarray  # [E] int32
     ts: np.ndarray  # [E] int64
     side: dict[str, np.ndarray]  # name -> [E]
 
@@ -102,59 +140,113 @@ class UserTable:
         return self.items[lo:hi], self.ts[lo:hi], {k: v[lo:hi] for k, v in self.side.items()}
 
 
-def _flat(column, path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets relative to this shard, flat values) of a list<...> column."""
+def _flat(column, where: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, flat values) of a list<...> column, values in their stored dtype."""
     arr = column.combine_chunks()
     if not hasattr(arr, "offsets"):
-        raise ShardError(f"{path}: column {name!r} must be a list column, got {arr.type}")
+        raise ShardError(f"{where}: column {name!r} must be a list column, got {arr.type}")
     offsets = np.asarray(arr.offsets, dtype=np.int64)
-    values = np.asarray(arr.values.to_numpy(zero_copy_only=False), dtype=np.int64)
-    # Sliced list arrays carry a non-zero first offset; normalise to a view starting at 0.
-    values = values[offsets[0] : offsets[-1]]
+    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     return offsets - offsets[0], values
 
 
-def read_shards(root: str | Path, manifest: dict[str, Any]) -> UserTable:
-    """Load every shard into one UserTable (the whole dataset; ML-1M is ~16 MB in memory)."""
-    root = Path(root)
-    side_names = list(manifest.get("side_columns", []))
-    users, shard_ids, lengths, items, ts = [], [], [], [], []
-    side: dict[str, list[np.ndarray]] = {k: [] for k in side_names}
-    for s, entry in enumerate(manifest["shards"]):
-        path = shard_path(root, entry)
-        table = pq.read_table(path)
-        missing = [c for c in (*REQUIRED_COLUMNS, *side_names) if c not in table.column_names]
-        if missing:
-            raise ShardError(f"{path}: missing columns {missing}; has {table.column_names}")
-        if table.num_rows != entry.get("rows", table.num_rows):
-            raise ShardError(f"{path}: {table.num_rows} rows, manifest says {entry['rows']}")
-        off_i, it = _flat(table.column("item_idx"), path, "item_idx")
-        off_t, tt = _flat(table.column("ts"), path, "ts")
+class ShardIndex:
+    """The row groups of every shard, from the Parquet footers (no data pages are read)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], groups: list[tuple[int, int, int, int]],
+                 verify: Verify) -> None:
+        self.root, self.manifest, self.verify = root, manifest, verify
+        self.groups = groups  # (shard, row group, rows, events)
+        self.side_names = list(manifest.get("side_columns", []))
+        self.num_items = int(manifest["num_items"])
+        self._verified: set[int] = set()
+
+    @classmethod
+    def build(cls, root: str | Path, manifest: dict[str, Any], verify: Verify = "own") -> ShardIndex:
+        if verify not in VERIFY_MODES:
+            raise ShardError(f"data.verify={verify!r} must be one of {VERIFY_MODES}")
+        root = Path(root)
+        if verify == "full":
+            verify_shards(root, manifest)
+        groups = []
+        for s, entry in enumerate(manifest["shards"]):
+            path = shard_path(root, entry)
+            if not path.is_file():
+                raise ShardError(f"{path}: shard listed in {root / MANIFEST} is missing")
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except (OSError, pa.ArrowException) as e:  # a truncated or foreign footer
+                raise ShardError(f"{path}: not a readable Parquet file ({e}); the file is truncated or "
+                                 "corrupt. Re-run the pipeline.") from None
+            names = meta.schema.to_arrow_schema().names
+            missing = [c for c in (*REQUIRED_COLUMNS, *cls._side(manifest)) if c not in names]
+            if missing:
+                raise ShardError(f"{path}: missing columns {missing}; has {names}")
+            if "rows" in entry and meta.num_rows != entry["rows"]:
+                raise ShardError(f"{path}: {meta.num_rows} rows, {root / MANIFEST} says {entry['rows']}")
+            item_col = names.index(ITEM_IDX)
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                # leaf values of the item list column = events (+1 per empty list, which the pipeline never writes)
+                groups.append((s, g, rg.num_rows, rg.column(item_col).num_values))
+        return cls(root, manifest, groups, verify)
+
+    @staticmethod
+    def _side(manifest: dict[str, Any]) -> list[str]:
+        return list(manifest.get("side_columns", []))
+
+    @property
+    def num_users(self) -> int:
+        return sum(g[2] for g in self.groups)
+
+    def units(self, min_units: int) -> list[Unit]:
+        """Row groups cut into equal slices so that there are at least `min_units` units (a few per
+        rank and worker, so that few shards or unequal shards still split evenly)."""
+        if not self.groups:
+            return []
+        cuts = max(1, -(-min_units // len(self.groups)))
+        out = []
+        for s, g, rows, events in self.groups:
+            bounds = np.linspace(0, rows, min(cuts, max(rows, 1)) + 1).round().astype(int)
+            for lo, hi in itertools.pairwise(bounds):
+                if hi > lo:
+                    out.append(Unit(s, g, int(lo), int(hi), round(events * (hi - lo) / max(rows, 1))))
+        return out
+
+    def read(self, unit: Unit) -> UserRows:
+        """The unit's users. Checks the shard's hash first under verify='own', and every item id."""
+        entry = self.manifest["shards"][unit.shard]
+        path = shard_path(self.root, entry)
+        if self.verify == "own" and unit.shard not in self._verified:
+            verify_shard(self.root, entry)
+            self._verified.add(unit.shard)
+        where = f"{path} (row group {unit.row_group})"
+        try:
+            table = pq.ParquetFile(path).read_row_group(unit.row_group, columns=[*REQUIRED_COLUMNS, *self.side_names])
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"{where}: cannot be read ({e}); the file is truncated or corrupt. "
+                             "Re-run the pipeline.") from None
+        table = table.slice(unit.lo, unit.rows)
+        off_i, items = _flat(table.column(ITEM_IDX), where, ITEM_IDX)
+        off_t, ts = _flat(table.column(TS), where, TS)
         if not np.array_equal(off_i, off_t):
-            raise ShardError(f"{path}: 'item_idx' and 'ts' lists differ in length for some user")
-        for name in side_names:
-            off_s, sv = _flat(table.column(name), path, name)
+            raise ShardError(f"{where}: '{ITEM_IDX}' and '{TS}' lists differ in length for some user")
+        side = {}
+        for name in self.side_names:
+            off_s, side[name] = _flat(table.column(name), where, name)
             if not np.array_equal(off_i, off_s):
-                raise ShardError(f"{path}: side column {name!r} lists differ in length from 'item_idx'")
-            side[name].append(sv)
-        users.append(np.asarray(table.column("user_idx").to_numpy(), dtype=np.int64))
-        shard_ids.append(np.full(table.num_rows, s, dtype=np.int32))
-        lengths.append(np.diff(off_i))
-        items.append(it)
-        ts.append(tt)
-    lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    out = UserTable(
-        user_idx=np.concatenate(users) if users else np.zeros(0, np.int64),
-        shard=np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-        items=np.concatenate(items) if items else np.zeros(0, np.int64),
-        ts=np.concatenate(ts) if ts else np.zeros(0, np.int64),
-        side={k: np.concatenate(v) for k, v in side.items()},
-    )
-    num_items = int(manifest["num_items"])
-    if len(out.items) and (out.items.min() < 1 or out.items.max() > num_items):
-        raise ShardError(
-            f"{root}: item ids span [{out.items.min()}, {out.items.max()}], "
-            f"the manifest's num_items={num_items} requires 1..{num_items}"
+                raise ShardError(f"{where}: side column {name!r} lists differ in length from '{ITEM_IDX}'")
+        if len(items) and (items.min() < 1 or items.max() > self.num_items):
+            bad = int(np.flatnonzero((items < 1) | (items > self.num_items))[0])
+            user = int(np.searchsorted(off_i, bad, side="right") - 1)
+            raise ShardError(
+                f"{where}: item id {int(items[bad])} of user_idx {table.column(USER_IDX)[user].as_py()} is "
+                f"outside 1..{self.num_items} (the manifest's num_items); the shard and manifest disagree. "
+                "Re-run the pipeline.")
+        return UserRows(
+            user_idx=np.asarray(table.column(USER_IDX).to_numpy(), dtype=np.int64),
+            offsets=off_i,
+            items=items.astype(ITEM_DTYPE, copy=False),
+            ts=ts.astype(np.int64, copy=False),
+            side=side,
         )
-    return out

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from model_testkit import habit_drift_batch, make
 
-import pytest
-
-from sinkrec.diagnostics import (effective_rank, excess_occupancy, readout_bias, repeat_basis, repeated_mask,
-                                 sink_diagnostics, write_share)
+from sinkrec.diagnostics import (
+    effective_rank,
+    excess_occupancy,
+    readout_bias,
+    repeat_basis,
+    repeated_mask,
+    sink_diagnostics,
+    write_share,
+)
 
 
 def test_repeated_mask_counts_within_each_row():

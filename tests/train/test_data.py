@@ -1,4 +1,4 @@
-"""Data module: manifest/sha256 checks, the leave-one-out views, and the rank/worker split."""
+"""Data module: manifest/sha256 checks, the leave-one-out views, and the streamed rank/worker split."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from torch.utils.data import DataLoader
 
 from sinkrec.data import SeqRecDataModule, ShardError
-from sinkrec.data.shards import load_manifest, read_shards
+from sinkrec.data.stream import EpochSampler, StageStream, identity, stage_examples
 from tests.train.conftest import make_processed
 
 
@@ -21,6 +22,24 @@ def _users(loader) -> tuple[list[int], int]:
     return seen, batches
 
 
+def _all_rows(dm: SeqRecDataModule) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """user_idx -> (items, ts), read unit by unit."""
+    dm.setup()
+    out = {}
+    for unit in dm.index.units(1):
+        rows = dm.index.read(unit)
+        for r in range(len(rows)):
+            items, ts, _ = rows.row(r)
+            out[int(rows.user_idx[r])] = (items, ts)
+    return out
+
+
+def _manifest_edit(root, fn) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    fn(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
 def test_sha_mismatch_and_missing_shard_name_the_file(tmp_path):
     root = make_processed(tmp_path / "d")
     shard = root / "shards" / "part-00001.parquet"
@@ -28,48 +47,85 @@ def test_sha_mismatch_and_missing_shard_name_the_file(tmp_path):
     data[-20] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="part-00001.parquet.*sha256"):
-        SeqRecDataModule(str(root)).setup("fit")
+        SeqRecDataModule(str(root), verify="full").setup("fit")
+    with pytest.raises(ShardError, match="part-00001.parquet.*sha256"):  # "own": before its rows are used
+        _users(SeqRecDataModule(str(root), verify="own").loader("test", 0, 1))
     shard.unlink()
-    with pytest.raises(ShardError, match="part-00001.parquet.*missing"):
-        SeqRecDataModule(str(root)).setup("fit")
+    for verify in ("full", "own", "off"):
+        with pytest.raises(ShardError, match="part-00001.parquet.*missing"):
+            SeqRecDataModule(str(root), verify=verify).setup("fit")
     with pytest.raises(ShardError, match="manifest"):
         SeqRecDataModule(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="data.verify='yes' must be one of"):
+        SeqRecDataModule(str(root), verify="yes")
 
 
-@pytest.mark.parametrize("verify", [True, False])
+def test_verify_own_hashes_only_the_shards_a_rank_reads(tmp_path):
+    root = make_processed(tmp_path / "d", n_users=40, n_shards=2)  # 2 shards, 2 ranks, no shuffle (test)
+    shard = root / "shards" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF  # the footer's metadata region: still parses, hash differs
+    shard.write_bytes(bytes(data))
+    dm = SeqRecDataModule(str(root), verify="own", eval_batch_size=4)
+    plan = [{u.shard for u in dm.stream("test", r, 2).slot_plan(0, r)} for r in range(2)]
+    clean = next(r for r in range(2) if 1 not in plan[r])
+    _users(dm.loader("test", clean, 2))  # this rank never opens the corrupt shard: no error, no hashing of it
+    with pytest.raises(ShardError, match="part-00001.parquet.*sha256"):
+        _users(dm.loader("test", 1 - clean, 2))
+
+
+@pytest.mark.parametrize("verify", ["full", "own", "off"])
+def test_truncated_shard_and_wrong_counts_name_the_file(tmp_path, verify):
+    root = make_processed(tmp_path / "d")
+    _manifest_edit(root, lambda m: m["shards"][2].update(rows=m["shards"][2]["rows"] + 1))
+    with pytest.raises(ShardError, match="part-00002.parquet: .* rows, .*manifest.json says"):
+        SeqRecDataModule(str(root), verify="off").setup()
+    root = make_processed(tmp_path / "e")
+    shard = root / "shards" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])  # cut off the footer
+    with pytest.raises(ShardError, match="part-00000.parquet"):
+        SeqRecDataModule(str(root), verify=verify).setup()
+
+
+@pytest.mark.parametrize("verify", ["full", "own", "off"])
 @pytest.mark.parametrize("bad", ["../outside.parquet", "shards/../../outside.parquet", "/etc/hostname"])
 def test_shard_path_outside_the_dataset_is_refused(tmp_path, bad, verify):
     root = make_processed(tmp_path / "d")
     (tmp_path / "outside.parquet").write_bytes((root / "shards" / "part-00000.parquet").read_bytes())
-    m = json.loads((root / "manifest.json").read_text())
-    m["shards"][1]["path"] = bad
-    (root / "manifest.json").write_text(json.dumps(m))
+    _manifest_edit(root, lambda m: m["shards"][1].update(path=bad))
     with pytest.raises(ShardError, match="outside the dataset directory"):
         SeqRecDataModule(str(root), verify=verify).setup("fit")
 
 
-def test_manifest_num_items_is_enforced(tmp_path):
+def test_item_ids_outside_the_catalogue_name_file_row_group_and_user(tmp_path):
     root = make_processed(tmp_path / "d", num_items=40)
-    m = json.loads((root / "manifest.json").read_text())
-    m["num_items"] = 10
-    (root / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ShardError, match="num_items=10"):
-        read_shards(root, load_manifest(root))
+    _manifest_edit(root, lambda m: m.update(num_items=10))
+    with pytest.raises(ShardError, match=r"part-0000\d.parquet \(row group 0\): item id \d+ of user_idx \d+ "
+                                         r"is outside 1..10"):
+        _users(SeqRecDataModule(str(root), verify="off").loader("train", 0, 1))
+
+
+def test_ids_stay_small_and_side_columns_keep_their_dtype(tmp_path):
+    root = make_processed(tmp_path / "d", kind=True)
+    dm = SeqRecDataModule(str(root))
+    dm.setup()
+    rows = dm.index.read(dm.index.units(1)[0])
+    assert rows.items.dtype == np.int32 and rows.side["kind"].dtype == np.int8
 
 
 def test_leave_one_out_views_left_padded_with_timestamps(tiny_data):
     dm = SeqRecDataModule(str(tiny_data), max_len=8, batch_size=4, eval_batch_size=4)
-    dm.setup()
-    t = dm.table
-    r = int(np.argmax(t.lengths))  # a user longer than max_len
-    items, ts, _ = t.row(r)
+    users = _all_rows(dm)
+    u = max(users, key=lambda k: len(users[k][0]))  # a user longer than max_len
+    items, ts = users[u]
     n = len(items)
     assert n > 10
     views = {}
     for stage in ("train", "valid", "test"):
-        ds, rows, _ = dm.stage_dataset(stage)
-        assert r in rows
-        views[stage] = ds[r]
+        for unit in dm.index.units(1):
+            for ex in stage_examples(dm.index.read(unit), stage, dm.manifest["split"], 8, None):
+                if ex["user_idx"] == u:
+                    views[stage] = ex
     tr = views["train"]  # all but the last two events; most recent max_len+1 of them
     np.testing.assert_array_equal(tr["items"], items[n - 2 - 9 : n - 3])
     np.testing.assert_array_equal(tr["targets"], items[n - 2 - 8 : n - 2])
@@ -78,28 +134,22 @@ def test_leave_one_out_views_left_padded_with_timestamps(tiny_data):
     np.testing.assert_array_equal(va["items"], items[n - 10 : n - 2])
     assert va["targets"][-1] == items[n - 2] and not va["targets"][:-1].any()
     np.testing.assert_array_equal(te["items"], items[n - 9 : n - 1])
-    assert te["targets"][-1] == items[n - 1] and not te["targets"][:-1].any()
-    # a batch: left padding, the most recent event at index -1, ts 0 at pads
-    batch = next(iter(dm.loader("test", 0, 1)))
-    lens = (batch["items"] > 0).sum(1)
-    for b in range(len(lens)):
-        L = int(lens[b])
-        assert (batch["items"][b, : -L] == 0).all() and (batch["items"][b, -L:] > 0).all()
-        assert (batch["ts"][b, : -L] == 0).all() and (batch["targets"][b, :-1] == 0).all()
-        assert batch["targets"][b, -1] > 0
+    batch = next(b for b in dm.loader("test", 0, 1) if u in b["user_idx"].tolist())
+    row = batch["user_idx"].tolist().index(u)
+    assert batch["items"][row, -1] == items[n - 2] and batch["targets"][row, -1] == items[n - 1]
+    assert batch["ts"][row, -1] == ts[n - 2]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7])
 @pytest.mark.parametrize("stage", ["train", "valid", "test", "predict"])
 def test_every_user_exactly_once_per_epoch_with_equal_batches(tiny_data, world, stage):
     dm = SeqRecDataModule(str(tiny_data), max_len=8, batch_size=4, eval_batch_size=5, bucket_batches=2)
-    _, rows, _ = dm.stage_dataset(stage)
-    expected = sorted(dm.table.user_idx[rows].tolist())
+    expected = sorted(_all_rows(dm))  # every tiny user has >= 4 events: eligible in every stage
     for epoch in (0, 3):
         seen, counts, per_rank = [], [], []
         for rank in range(world):
             loader = dm.loader(stage, rank, world)
-            loader.batch_sampler.sampler.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)  # what Lightning calls
             users, batches = _users(loader)
             assert batches == len(loader)
             seen += users
@@ -112,19 +162,56 @@ def test_every_user_exactly_once_per_epoch_with_equal_batches(tiny_data, world, 
                 assert not per_rank[a] & per_rank[b]
 
 
-def test_train_order_seeded_per_epoch_and_independent_of_workers(tiny_data):
+def test_a_rank_reads_only_its_share(tmp_path, monkeypatch):
+    root = make_processed(tmp_path / "d", n_users=120, n_shards=4)
+    dm = SeqRecDataModule(str(root), batch_size=4)
+    dm.setup()
+    read = []
+    original = dm.index.read
+    monkeypatch.setattr(dm.index, "read", lambda unit: read.append(unit) or original(unit))
+    per_rank = []
+    for rank in range(4):
+        read.clear()
+        _users(dm.loader("train", rank, 4))
+        per_rank.append(sum(u.rows for u in read))
+    assert per_rank == [30, 30, 30, 30]  # rows decoded per rank: a quarter each, never the whole dataset
+
+
+def _order(dm, epoch, workers=0, rank=0, world=2, direct=False):
+    dm.num_workers = workers
+    if direct:  # the same plan (`workers` slots per rank) read in this process
+        ds = StageStream(dm.index, "train", rank, world, workers, dm.batch_size, dm.bucket_batches,
+                         dm.shuffle_buffer, dm.max_len, dm.seed, None)
+        loader = DataLoader(ds, sampler=EpochSampler(len(ds)), batch_size=None, collate_fn=identity)
+    else:
+        loader = dm.loader("train", rank, world)
+    loader.sampler.set_epoch(epoch)
+    return [b["user_idx"].tolist() for b in loader]
+
+
+def test_train_order_seeded_per_epoch_and_the_same_with_workers(tiny_data):
     dm = SeqRecDataModule(str(tiny_data), max_len=8, batch_size=4)
+    dm.setup()
+    assert _order(dm, 0) == _order(dm, 0)
+    assert _order(dm, 0) != _order(dm, 1)
+    dm.seed = 7
+    other_seed = _order(dm, 0)
+    dm.seed = 1234
+    assert _order(dm, 0) != other_seed
+    # worker processes build exactly what the same plan builds in one process: no timing dependence
+    assert _order(dm, 1, workers=2) == _order(dm, 1, workers=2, direct=True)
 
-    def order(epoch, seed=1234, workers=0):
-        dm.seed, dm.num_workers = seed, workers
-        loader = dm.loader("train", 0, 2)
-        loader.batch_sampler.sampler.set_epoch(epoch)
-        return [b["user_idx"].tolist() for b in loader]
 
-    assert order(0) == order(0)
-    assert order(0) != order(1)
-    assert order(0) != order(0, seed=7)
-    assert order(1, workers=2) == order(1)
+def test_shuffle_pool_bounds_memory_but_still_mixes_units(tmp_path):
+    root = make_processed(tmp_path / "d", n_users=200, n_shards=2)
+    dm = SeqRecDataModule(str(root), batch_size=4, bucket_batches=1)
+    dm.setup()
+
+    def first_batch_users(buffer):
+        dm.shuffle_buffer = buffer
+        return _order(dm, 0, world=1)[0]
+
+    assert first_batch_users(1) != first_batch_users(64)  # a pool of 1 = unit order; 64 mixes users
 
 
 def test_bucketing_reduces_padding(tmp_path):
@@ -146,19 +233,19 @@ def test_few_shards_many_ranks_split_within_shards(tmp_path):
     assert sum(per_rank, Counter()) == Counter(range(30))
 
 
-def test_padding_repeats_carry_no_targets(tiny_data):
-    dm = SeqRecDataModule(str(tiny_data), batch_size=64, eval_batch_size=64)
-    _, rows, _ = dm.stage_dataset("test")
+def test_rank_balancing_batches_carry_no_targets(tiny_data):
+    dm = SeqRecDataModule(str(tiny_data), batch_size=64, eval_batch_size=4)
+    n_users = len(_all_rows(dm))
     world = 7
-    assert len(rows) % world  # so some ranks pad
-    padded = 0
+    assert n_users % world  # so some ranks run short
+    empty = 0
     for rank in range(world):
         for batch in dm.loader("test", rank, world):
             inv = ~batch["valid"]
-            padded += int(inv.sum())
             if inv.any():
-                assert (batch["targets"][inv] == 0).all() and (batch["items"][inv] > 0).any()
-    assert padded == world - len(rows) % world
+                empty += 1
+                assert inv.all() and (batch["targets"] == 0).all() and (batch["items"] == 0).all()
+    assert empty > 0
 
 
 def test_time_cutoff_protocol_targets_after_the_cutoffs():

@@ -33,9 +33,12 @@ def test_ml100k_split_across_ranks_exactly_once(ml100k):
     manifest = json.loads((ml100k / "manifest.json").read_text())
     dm = SeqRecDataModule(str(ml100k), max_len=50, batch_size=64, eval_batch_size=128)
     dm.setup()
-    assert dm.num_items == manifest["num_items"] == int(dm.table.items.max())
-    assert len(dm.table) == manifest["counts"]["users"] and len(dm.table.items) == manifest["counts"]["events"]
-    assert all((np.diff(dm.table.ts[lo:hi]) >= 0).all() for lo, hi in zip(dm.table.offsets[:-1], dm.table.offsets[1:]))
+    parts = [dm.index.read(u) for u in dm.index.units(1)]
+    users = np.concatenate([p.user_idx for p in parts])
+    items = np.concatenate([p.items for p in parts])
+    assert dm.num_items == manifest["num_items"] == int(items.max())
+    assert len(users) == manifest["counts"]["users"] and len(items) == manifest["counts"]["events"]
+    assert all((np.diff(p.ts[lo:hi]) >= 0).all() for p in parts for lo, hi in zip(p.offsets[:-1], p.offsets[1:]))
     for stage in ("train", "test"):
         seen, batches = [], []
         for rank in range(3):
@@ -46,4 +49,4 @@ def test_ml100k_split_across_ranks_exactly_once(ml100k):
                 assert b["items"].shape[1] <= 50
             batches.append(n)
         assert len(set(batches)) == 1
-        assert sorted(seen) == sorted(dm.table.user_idx.tolist())  # every ML-100K user has >= 4 events
+        assert sorted(seen) == sorted(users.tolist())  # every ML-100K user has >= 4 events

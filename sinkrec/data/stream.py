@@ -1,0 +1,200 @@
+"""Per-rank streaming batches: each rank (and each DataLoader worker) reads only its own share.
+
+How an epoch is cut (deterministic in (seed, epoch, world, workers); every rank computes the same
+plan from the Parquet footers alone, sinkrec.data.shards.ShardIndex):
+1. The dataset is a list of units (slices of row groups; several per rank and worker, so that few
+   or unequal shards still split evenly). Training permutes the units with rng(seed, epoch);
+   evaluation keeps file order.
+2. Concatenated in that order, the units' users form one virtual list, cut into `world * workers`
+   contiguous slots whose sizes differ by at most one user (rank r's workers own slots
+   r * workers .. r * workers + workers - 1). A slot reads only the units its range overlaps, one row
+   group at a time. Every user belongs to exactly one slot per epoch.
+3. Within a slot, users stream through a bounded shuffle pool (`shuffle_buffer` users, training
+   only), are grouped `bucket_batches * batch_size` at a time, sorted by length inside the group and
+   cut into batches (less padding), and the group's batch order is shuffled (training).
+4. Every slot yields the same number of batches, ceil(ceil(users / slots) / batch_size): a slot whose
+   users run out early (a short slot, users without a target in this stage) yields empty batches
+   (one pad row flagged `valid=False`: no loss, no metric counts). DDP sees equal step counts.
+5. The DataLoader is map-style over (epoch, batch number) with a sampler that Lightning's
+   `set_epoch` reaches; worker w receives batch numbers i = w, w + W, ... in order (torch's
+   round-robin), and builds them from its own slot's stream. The order does not depend on timing.
+Memory per rank: O(shuffle_buffer + one row group + one batch), independent of the dataset's size.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, get_worker_info
+
+from sinkrec.data.collate import Stage, collate_left_pad, eligible, make_example, stage_bounds
+from sinkrec.data.shards import ShardIndex, Unit, UserRows
+
+UNITS_PER_SLOT = 8  # units per (rank, worker) slot: the granularity of the split
+
+
+def slot_ranges(sizes: list[int], slots: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each slot in the virtual user list of total sum(sizes): np.array_split sizes."""
+    total = sum(sizes)
+    if total < slots:
+        raise ValueError(f"{total} users cannot be split over {slots} rank x worker slots")
+    base, extra = divmod(total, slots)
+    bounds = np.cumsum([0] + [base + (s < extra) for s in range(slots)])
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def slot_units(units: list[Unit], lo: int, hi: int) -> list[Unit]:
+    """The parts of `units` (in order) that fall in [lo, hi) of their concatenation."""
+    out, start = [], 0
+    for u in units:
+        end = start + u.rows
+        a, b = max(lo, start), min(hi, end)
+        if a < b:
+            frac = (b - a) / max(u.rows, 1)
+            out.append(Unit(u.shard, u.row_group, u.lo + a - start, u.lo + b - start, int(u.events * frac)))
+        start = end
+        if start >= hi:
+            break
+    return out
+
+
+def stage_examples(rows: UserRows, stage: Stage, split: dict[str, Any], max_len: int,
+                   kind_column: str | None) -> Iterator[dict[str, Any]]:
+    """The examples (collate.make_example) of the users of `rows` that have a target in `stage`."""
+    ts_counts = None
+    if split["protocol"] == "time_cutoff":
+        user_of_event = np.repeat(np.arange(len(rows)), rows.lengths)
+        ts_counts = {k: np.bincount(user_of_event[rows.ts < int(split[k])], minlength=len(rows)).astype(np.int64)
+                     for k in ("valid_ts", "test_ts")}
+    end, first = stage_bounds(rows.lengths, ts_counts, stage, split)
+    for r in np.flatnonzero(eligible(end, first, stage)):
+        items, ts, side = rows.row(r)
+        kind = side.get(kind_column) if kind_column else None
+        yield make_example(items, ts, kind, int(end[r]), int(first[r]), max_len, int(rows.user_idx[r]), True)
+
+
+def empty_batch() -> dict[str, torch.Tensor]:
+    """One pad row with valid=False: a step that trains and counts nothing (rank balancing)."""
+    return collate_left_pad([{"items": np.zeros(1, np.int64), "ts": np.zeros(1, np.int64),
+                              "targets": np.zeros(1, np.int64), "kind": None, "input_kind": None,
+                              "user_idx": -1, "valid": False}])
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, batch number) for this rank; Lightning calls set_epoch before each epoch."""
+
+    def __init__(self, num_batches: int) -> None:
+        self.num_batches, self.epoch = num_batches, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # a generator: the epoch is read at the first next(), after Lightning's set_epoch
+        # (on resume Lightning creates the iterator before it sets the restored epoch)
+        epoch = self.epoch
+        yield from ((epoch, i) for i in range(self.num_batches))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class StageStream(Dataset):
+    """Batches of one stage for one rank, built from that rank's slots (module docstring)."""
+
+    def __init__(self, index: ShardIndex, stage: Stage, rank: int, world: int, workers: int, batch_size: int,
+                 bucket_batches: int, shuffle_buffer: int, max_len: int, seed: int,
+                 kind_column: str | None) -> None:
+        self.index, self.stage, self.rank, self.world = index, stage, rank, world
+        self.workers = max(1, workers)  # slots per rank (0 workers = the main process = one slot)
+        self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
+        self.group = max(1, bucket_batches) * batch_size
+        self.shuffle = stage == "train"
+        self.shuffle_buffer = shuffle_buffer
+        self.kind_column = kind_column
+        self.slots = world * self.workers
+        self.units = index.units(UNITS_PER_SLOT * self.slots)
+        self.ranges = slot_ranges([u.rows for u in self.units], self.slots)
+        self.per_slot = -(-(self.ranges[0][1] - self.ranges[0][0]) // batch_size)  # the largest slot is first
+        self._streams: dict[int, tuple[int, Iterator, int]] = {}  # slot -> (epoch, batches, next number)
+
+    def __len__(self) -> int:
+        return self.per_slot * self.workers
+
+    def epoch_units(self, epoch: int) -> list[Unit]:
+        if not self.shuffle:
+            return self.units
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        return [self.units[i] for i in perm]
+
+    def slot_plan(self, epoch: int, slot: int) -> list[Unit]:
+        return slot_units(self.epoch_units(epoch), *self.ranges[slot])
+
+    def _examples(self, epoch: int, slot: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        split = self.index.manifest["split"]
+        pool: list[dict[str, Any]] = []
+        for unit in self.slot_plan(epoch, slot):
+            for ex in stage_examples(self.index.read(unit), self.stage, split, self.max_len, self.kind_column):
+                if not self.shuffle:
+                    yield ex
+                    continue
+                pool.append(ex)
+                if len(pool) >= self.shuffle_buffer:  # emit a random member, keep the pool bounded
+                    j = int(rng.integers(len(pool)))
+                    pool[j], pool[-1] = pool[-1], pool[j]
+                    yield pool.pop()
+        for j in rng.permutation(len(pool)) if pool else ():
+            yield pool[j]
+
+    def _batches(self, epoch: int, slot: int) -> Iterator[dict[str, torch.Tensor]]:
+        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        group: list[dict[str, Any]] = []
+
+        def cut(g: list[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+            g = sorted(g, key=lambda e: -len(e["items"]))  # stable: equal lengths keep stream order
+            bs = [g[i : i + self.batch_size] for i in range(0, len(g), self.batch_size)]
+            order = rng.permutation(len(bs)) if self.shuffle else range(len(bs))
+            for i in order:
+                yield collate_left_pad(bs[i])
+
+        n = 0
+        for ex in self._examples(epoch, slot, rng):
+            group.append(ex)
+            if len(group) == self.group:
+                for b in cut(group):
+                    n += 1
+                    yield b
+                group = []
+        for b in cut(group) if group else ():
+            n += 1
+            yield b
+        assert n <= self.per_slot, f"slot {slot} built {n} batches > {self.per_slot}"
+        while n < self.per_slot:
+            n += 1
+            yield empty_batch()
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Batch number i of this rank in `epoch`: batch i // W of slot rank * W + i % W (W workers),
+        which is what torch's round-robin hands worker i % W; read in one process, the same order."""
+        epoch, i = key
+        info = get_worker_info()
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError(f"StageStream planned for {self.workers} workers, runs in {info.num_workers}")
+        slot, number = self.rank * self.workers + i % self.workers, i // self.workers
+        state = self._streams.get(slot)
+        if state is None or state[0] != epoch or state[2] != number:
+            batches = self._batches(epoch, slot)
+            for _ in range(number):  # only on a jump (a reader that skips ahead)
+                next(batches)
+            state = (epoch, batches, number)
+        batch = next(state[1])
+        self._streams[slot] = (epoch, state[1], number + 1)
+        return batch
+
+
+def identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch
