@@ -1,0 +1,114 @@
+"""Chunked causal dispatcher attention in PyTorch: O(T * C * (V + J) + T * J * V), the training path.
+
+Per batch element and head, positions i, s of a chunk of C (local, s <= i), dispatchers j:
+the prefix summaries c_j(i) = num_ij / den_ij are never materialised ([T, J, V] per head would be
+the largest tensor of the layer). With E_sj = exp(a_sj - M_j), M the running max of a up to the
+end of the chunk, and (R, Rd) the carried numerator / denominator rescaled to M,
+
+    den_ij = Rd_j + sum_{s<=i} E_sj                                       [C, J]
+    q_i . num_ij = (Q R^T)_ij + ((Q V^T o L) E)_ij,   L_is = [s <= i]     [C, J]
+    P = softmax_j(scale * q . num / den),  W = P / den                    [C, J]
+    y = W R + ((W E^T) o L) V                                             [C, V]
+
+and the state handed to the next chunk is R + E^T V, Rd + sum_s E_s, M. Everything but (R, Rd) is
+independent across chunks and runs batched over all of them; the hand-off is a Python loop of
+two elementwise ops per chunk.
+
+Exactness: the result does not depend on M (it cancels between num and den), so M is a detached
+constant. Using the chunk-end max instead of each position's own running max is exact as long as
+a position's prefix max is within ~80 nats of M (float32 exp underflows beyond); the ELASTIC layer
+soft-caps its logits to +-30, which guarantees it. Backward is autograd through this graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sinkrec.ops.dispatcher_attention.state import DispatcherState
+
+CHUNK_SIZE = 64
+
+
+def _to_chunks(x: torch.Tensor, C: int, value: float = 0.0) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, N, C, D], padded with `value` at the end of T to N*C."""
+    B, T, H, D = x.shape
+    N = -(-T // C)
+    x = F.pad(x, (0, 0, 0, 0, 0, N * C - T), value=value)
+    return x.view(B, N, C, H, D).permute(0, 3, 1, 2, 4)
+
+
+def chunk_dispatcher_attention(
+    q: torch.Tensor,
+    a: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    initial_state: DispatcherState | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, DispatcherState | None]:
+    """
+    Args:
+        q: [B, T, H, V];  a: [B, T, H, J];  v: [B, T, H, V];  mask: [B, T] bool or None
+        scale: multiplies q . c_j
+        initial_state: DispatcherState (m [B, H, J], num [B, H, J, V], den [B, H, J]) or None
+        chunk_size: C (min(C, T) is used)
+
+    Returns:
+        y: [B, T, H, V] in the accumulation dtype
+        final_state: DispatcherState in the accumulation dtype if output_final_state else None
+    """
+    B, T, H, V = v.shape
+    J = a.shape[-1]
+    acc = torch.promote_types(v.dtype, torch.float32)
+    q, a, v = (x.to(acc) for x in (q, a, v))
+    if mask is not None:
+        a = a.masked_fill(~mask[:, :, None, None], float("-inf"))
+    if initial_state is None:
+        m0 = a.new_full((B, H, J), float("-inf"))
+        num0, den0 = a.new_zeros(B, H, J, V), a.new_zeros(B, H, J)
+    else:
+        m0, num0, den0 = (x.to(acc) for x in initial_state)
+    if T == 0:
+        y = v.new_zeros(B, 0, H, V)
+        return y, (DispatcherState(m0, num0, den0) if output_final_state else None)
+
+    C = min(chunk_size, T)
+    Q = _to_chunks(q * scale, C)  # [B, H, N, C, V]
+    Vc = _to_chunks(v, C)  # [B, H, N, C, V]
+    A = _to_chunks(a, C, value=float("-inf"))  # [B, H, N, C, J]; the tail padding is never aggregated
+    N = A.shape[2]
+
+    # running max at every chunk end; -inf while nothing real has been seen
+    with torch.no_grad():
+        M = torch.cummax(torch.maximum(A.amax(dim=3), m0[:, :, None]), dim=2).values  # [B, H, N, J]
+        M_prev = torch.cat([m0[:, :, None], M[:, :, :-1]], dim=2)  # [B, H, N, J], max entering chunk n
+        M_ref = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # exp(-inf - 0) = 0
+        r = torch.exp(M_prev - M_ref)  # [B, H, N, J] in [0, 1]: rescales the carried state to M
+    E = torch.exp(A - M_ref[:, :, :, None])  # [B, H, N, C, J] in [0, 1], 0 at pads
+    G = E.transpose(-1, -2) @ Vc  # [B, H, N, J, V]: each chunk's own numerator
+    g = E.sum(dim=3)  # [B, H, N, J]: each chunk's own denominator
+
+    # state hand-off: R_n, Rd_n = the prefix before chunk n, relative to M_n
+    R, Rd = [], []
+    num, den = num0, den0
+    for n in range(N):
+        num, den = r[:, :, n, :, None] * num, r[:, :, n] * den
+        R.append(num)
+        Rd.append(den)
+        num, den = num + G[:, :, n], den + g[:, :, n]
+    R, Rd = torch.stack(R, dim=2), torch.stack(Rd, dim=2)  # [B, H, N, J, V], [B, H, N, J]
+
+    L = torch.ones(C, C, dtype=torch.bool, device=v.device).tril()  # L_is = [s <= i]
+    denom = Rd[:, :, :, None] + E.cumsum(dim=3)  # [B, H, N, C, J]
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # empty prefix: num = 0, y = 0
+    QV = (Q @ Vc.transpose(-1, -2)).masked_fill(~L, 0.0)  # [B, H, N, C, C]
+    scores = (QV @ E + Q @ R.transpose(-1, -2)) / denom  # [B, H, N, C, J]: scale * q_i . c_j(i)
+    W = torch.softmax(scores, dim=-1) / denom  # [B, H, N, C, J]
+    WE = (W @ E.transpose(-1, -2)).masked_fill(~L, 0.0)  # [B, H, N, C, C]
+    y = W @ R + WE @ Vc  # [B, H, N, C, V]
+
+    y = y.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]  # [B, H, N, C, V] -> [B, T, H, V]
+    final = DispatcherState(M[:, :, -1], num, den) if output_final_state else None
+    return y, final
