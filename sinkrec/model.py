@@ -1,7 +1,8 @@
-"""Sequential recommenders: SinkRec (memory-conditioned Gated DeltaNet), GDN and SASRec.
+"""Sequential recommenders: SinkRec (memory-conditioned Gated DeltaNet), GDN, SASRec and ELASTIC.
 
 Reads top to bottom: config -> shared base (tied item table, time features, loss)
--> SinkRec / GDN (looped TDGD blocks) -> SASRec (causal softmax attention) -> build_model.
+-> SinkRec / GDN (looped TDGD blocks) -> SASRec (causal softmax attention)
+-> ELASTIC (dispatcher attention + product-key memory) -> build_model.
 Batches are LEFT-padded (item 0 = pad at the front, most recent event at index -1); see
 docs/CONTRACTS.md section 2. No Lightning here: `sinkrec.lit_module` wraps these modules.
 """
@@ -14,18 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sinkrec.layers import SinkRecBlock
+from sinkrec.layers import ElasticBlock, SinkRecBlock
 from sinkrec.layers.fused_gates import GATE_BACKENDS
 from sinkrec.losses import full_softmax_loss, sampled_softmax_loss
 from sinkrec.modules import RMSNorm, SwiGLU, l2norm
 
-ARCHS = ("sinkrec", "gdn", "sasrec")
+ARCHS = ("sinkrec", "gdn", "sasrec", "elastic")
 
 
 @dataclass
 class SinkRecConfig:
     num_items: int = 0  # N: item ids are 1..N, 0 is padding (linked from the data module)
-    arch: str = "sinkrec"  # "sinkrec" | "gdn" (= sinkrec with memory off) | "sasrec"
+    arch: str = "sinkrec"  # "sinkrec" | "gdn" (= sinkrec with memory off) | "sasrec" | "elastic"
     d_model: int = 64  # hidden width D, also the item-embedding width (tied head)
     n_heads: int = 2  # heads H; head dims K = V = d_model // n_heads
     n_blocks: int = 2  # distinct blocks (weights); SASRec: number of attention layers
@@ -51,6 +52,10 @@ class SinkRecConfig:
     gate_backend: str = "auto"  # fused gates: "reference" | "compile" | "triton" | "auto"
     init_std: float = 0.02  # std of the item / position / loop embeddings
     input_norm: bool = True  # RMSNorm the input embeddings (the tied table stays small for the head)
+    # ELASTIC only (../shared/ELASTIC.md); n_blocks, n_heads, dropout apply, n_loops / max_len do not
+    n_dispatchers: int = 32  # J interest experts per LDA layer and head (streaming state J x (K + 2))
+    n_mem_keys: int = 128  # half-keys per product-key sub-bank; the interest memory has n_mem_keys^2 slots
+    mem_topk: int = 8  # m: memory slots read per position (softmax over their scores)
 
     def validate(self) -> SinkRecConfig:
         if self.arch not in ARCHS:
@@ -71,6 +76,13 @@ class SinkRecConfig:
             raise ValueError(f"SinkRecConfig.gate_backend={self.gate_backend!r} must be one of {GATE_BACKENDS}")
         if self.n_loops < 1 or self.n_blocks < 1:
             raise ValueError(f"SinkRecConfig: n_blocks={self.n_blocks} and n_loops={self.n_loops} must be >= 1")
+        if self.arch == "elastic":
+            if self.n_dispatchers < 1 or self.n_mem_keys < 1 or self.d_model % 2:
+                raise ValueError(f"SinkRecConfig (elastic): n_dispatchers={self.n_dispatchers} and n_mem_keys="
+                                 f"{self.n_mem_keys} must be >= 1 and d_model={self.d_model} even")
+            if not 1 <= self.mem_topk <= self.n_mem_keys ** 2:
+                raise ValueError(f"SinkRecConfig.mem_topk={self.mem_topk} must be in [1, n_mem_keys^2 = "
+                                 f"{self.n_mem_keys ** 2}]")
         return self
 
 
@@ -290,11 +302,52 @@ class SASRec(SeqRecModel):
         return self(items, tss).hidden[:, -1], {"items": items, "ts": tss}
 
 
+class Elastic(SeqRecModel):
+    """ELASTIC (Deng et al. 2024, arXiv 2408.09380), causal reading: n_blocks x (linear dispatcher
+    attention -> product-key interest memory -> SwiGLU). No positions: the dispatchers' prefix
+    summaries need none, so the streaming state is J x (K + 2) per head and block, whatever T."""
+
+    def __init__(self, cfg: SinkRecConfig) -> None:
+        super().__init__(cfg)
+        self.blocks = nn.ModuleList(
+            ElasticBlock(cfg.d_model, cfg.n_heads, cfg.n_dispatchers, cfg.n_mem_keys, cfg.mem_topk, cfg.dropout)
+            for _ in range(cfg.n_blocks))
+        self.norm_f = RMSNorm(cfg.d_model)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False) -> ModelOutput:
+        """items, ts [B, T] (left-padded) -> ModelOutput(hidden [B, T, D], 0, None). ts is unused."""
+        mask = items != 0  # [B, T]
+        keep = mask[..., None].to(self.item_emb.weight.dtype)  # [B, T, 1]
+        h = self.emb_dropout(self.embed(self.item_emb(items)))
+        for block in self.blocks:
+            h, _ = block(h, mask)
+        return ModelOutput(self.head_norm(self.norm_f(h)) * keep, h.new_zeros(()), None)
+
+    # ---- streaming inference, O(1) per event ----
+    def init_state(self, B: int, device=None) -> dict:
+        return {"lda": [blk.lda.init_state(B, device or self.item_emb.weight.device) for blk in self.blocks]}
+
+    @torch.no_grad()
+    def step(self, state: dict, item: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """item, ts [B] -> (hidden [B, D], new state); equals forward(items, ts).hidden[:, t].
+        A pad item (0) leaves the state unchanged."""
+        mask = (item != 0)[:, None]  # [B, 1]
+        h = self.embed(self.item_emb(item))[:, None]  # [B, 1, D]
+        new = []
+        for block, st in zip(self.blocks, state["lda"], strict=True):
+            h, st = block(h, mask, st, return_state=True)
+            new.append(st)
+        return self.head_norm(self.norm_f(h[:, 0])) * mask.to(h.dtype), {"lda": new}
+
+
 def build_model(cfg: SinkRecConfig) -> SeqRecModel:
     """cfg.arch -> model. "gdn" is SinkRec with the memory (and so every memory switch) off."""
     cfg.validate()
     if cfg.arch == "sasrec":
         return SASRec(cfg)
+    if cfg.arch == "elastic":
+        return Elastic(cfg)
     if cfg.arch == "gdn":
         cfg = dataclasses.replace(cfg, memory=False)
     return SinkRec(cfg)

@@ -9,7 +9,7 @@ import torch
 from model_testkit import left_pad, make, random_batch, tiny_config, train_next_item
 
 from sinkrec.losses import full_softmax_loss
-from sinkrec.model import ModelOutput, SASRec, SinkRec, build_model, time_features
+from sinkrec.model import ARCHS, ModelOutput, SASRec, SinkRec, build_model, time_features
 
 
 def test_shapes_and_dtypes(arch):
@@ -183,7 +183,7 @@ def test_sampled_loss_runs_and_is_finite():
 
 
 @pytest.mark.trains
-@pytest.mark.parametrize("arch_name", ["sinkrec", "gdn", "sasrec"])
+@pytest.mark.parametrize("arch_name", ARCHS)
 def test_overfits_tiny_dataset(arch_name):
     """8 users x 12 events of random items: every variant must memorise the next items."""
     model = make(arch_name, num_items=30)
@@ -217,7 +217,7 @@ def test_sampled_loss_lowers_the_full_softmax_loss():
     assert full_ce() < before - 0.5
 
 
-@pytest.mark.parametrize("arch", ["sinkrec", "gdn", "sasrec"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_autocast_trains_and_matches_float32(arch):
     """trainer.precision=bf16-mixed on CPU: the delta-rule kernels keep float32 inside autocast, the loss
     stays within bf16 rounding of float32 (measured 0.3%; 5% is far beyond any kernel's rounding) and every
