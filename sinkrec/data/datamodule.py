@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from sinkrec.data.collate import Stage
 from sinkrec.data.shards import VERIFY_MODES, ShardIndex, Verify, load_manifest
-from sinkrec.data.stream import EpochSampler, StageStream, identity
+from sinkrec.data.stream import EpochSampler, StageStream, StreamLoader, identity
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class SeqRecDataModule(pl.LightningDataModule):
         self.shuffle_buffer, self.seed, self.verify = shuffle_buffer, seed, verify
         self.manifest = load_manifest(self.root)  # fails early, naming the file, if root is wrong
         self.index: ShardIndex | None = None
+        self._train_loader: StreamLoader | None = None
+        self._resume: dict[str, int] | None = None  # the training position restored from a checkpoint
 
     # Values the data decides; the CLI links num_items into the model config.
     @property
@@ -108,9 +110,26 @@ class SeqRecDataModule(pl.LightningDataModule):
         if rank is None or world is None:
             rank, world = world_info(self.trainer)
         ds = self.stream(stage, rank, world)
-        return DataLoader(ds, sampler=EpochSampler(len(ds)), batch_size=None, collate_fn=identity,
-                          num_workers=self.num_workers, persistent_workers=False,
-                          multiprocessing_context="fork" if self.num_workers and os.name == "posix" else None)
+        workers = {"num_workers": self.num_workers, "persistent_workers": False,
+                   "multiprocessing_context": "fork" if self.num_workers and os.name == "posix" else None}
+        if stage == "train":  # stateful: a mid-epoch checkpoint resumes at the next batch
+            loader = StreamLoader(ds, **workers)
+            if self._resume is not None:
+                loader.load_state_dict(self._resume)
+            self._train_loader = loader
+            return loader
+        return DataLoader(ds, sampler=EpochSampler(len(ds)), batch_size=None, collate_fn=identity, **workers)
+
+    # Lightning stores this in every checkpoint and hands it back on `--ckpt_path`. (The loader is also
+    # stateful itself, but Lightning builds the training loader before restoring loop state when the
+    # LR schedule asks for `estimated_stepping_batches`, and then never hands the loader its state.)
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        self._resume = state.get("train_position")
+        if self._resume is not None and self._train_loader is not None:
+            self._train_loader.load_state_dict(self._resume)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train")

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from sinkrec.data.collate import Stage, collate_left_pad, eligible, make_example, stage_bounds
 from sinkrec.data.shards import ShardIndex, Unit, UserRows
@@ -85,22 +85,55 @@ def empty_batch() -> dict[str, torch.Tensor]:
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, batch number) for this rank; Lightning calls set_epoch before each epoch."""
+    """Yields (epoch, batch number) for this rank; Lightning calls set_epoch before each epoch.
+    `resume(epoch, start)` makes the next pass over `epoch` begin at batch `start`."""
 
     def __init__(self, num_batches: int) -> None:
         self.num_batches, self.epoch = num_batches, 0
+        self._resume: tuple[int, int] | None = None  # (epoch, first batch) for one pass
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, epoch: int, start: int) -> None:
+        self.epoch = epoch
+        self._resume = (epoch, start) if 0 < start < self.num_batches else None
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # a generator: the epoch is read at the first next(), after Lightning's set_epoch
         # (on resume Lightning creates the iterator before it sets the restored epoch)
-        epoch = self.epoch
-        yield from ((epoch, i) for i in range(self.num_batches))
+        epoch, start = self.epoch, 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start = self._resume[1]
+        self._resume = None
+        yield from ((epoch, i) for i in range(start, self.num_batches))
 
     def __len__(self) -> int:
         return self.num_batches
+
+
+class StreamLoader(DataLoader):
+    """The training DataLoader, stateful for Lightning: a checkpoint records the epoch and the batches
+    consumed in it, so `--ckpt_path` from a mid-epoch checkpoint (preemption) continues at the next
+    batch of the same epoch, in the same order; from an end-of-epoch checkpoint, the next epoch."""
+
+    def __init__(self, dataset: StageStream, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=EpochSampler(len(dataset)), batch_size=None, collate_fn=identity,
+                         **kwargs)
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        resume = self.sampler._resume
+        self._consumed = resume[1] if resume is not None and resume[0] == self.sampler.epoch else 0
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(int(state["epoch"]), int(state["consumed"]))
 
 
 class StageStream(Dataset):

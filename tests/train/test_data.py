@@ -264,3 +264,30 @@ def test_time_cutoff_protocol_targets_after_the_cutoffs():
     np.testing.assert_array_equal(got["valid"]["items"], [1, 2, 3, 4])
     np.testing.assert_array_equal(got["valid"]["targets"], [0, 0, 4, 5])  # events in [valid_ts, test_ts)
     np.testing.assert_array_equal(got["test"]["targets"], [0, 0, 0, 0, 6])  # events at/after test_ts
+
+
+def test_a_mid_epoch_checkpoint_resumes_at_the_next_batch(tiny_data):
+    """The training loader's state (what Lightning stores in a checkpoint) continues the epoch where it
+    stopped, in the same order; a state from an epoch's end starts the next epoch from its beginning."""
+    dm = SeqRecDataModule(str(tiny_data), max_len=8, batch_size=4)
+    full = dm.loader("train", 1, 2)
+    full.sampler.set_epoch(2)
+    reference = [b["user_idx"].tolist() for b in full]
+    first = dm.loader("train", 1, 2)
+    first.sampler.set_epoch(2)
+    it = iter(first)
+    done = [next(it)["user_idx"].tolist() for _ in range(3)]
+    state = first.state_dict()
+    assert state == {"epoch": 2, "consumed": 3}
+    resumed = dm.loader("train", 1, 2)
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # Lightning sets the restored epoch again before iterating
+    rest = [b["user_idx"].tolist() for b in resumed]
+    assert done + rest == reference
+    assert len(resumed) == len(full)  # Lightning counts the epoch's batches from the restored progress
+    after = [b["user_idx"].tolist() for b in resumed]  # the next pass is a whole epoch again
+    assert after == reference
+    ended = dm.loader("train", 1, 2)
+    ended.load_state_dict({"epoch": 2, "consumed": len(reference)})
+    ended.sampler.set_epoch(3)
+    assert len([b for b in ended]) == len(reference)
