@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch compare mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data compare study mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -68,6 +68,12 @@ bench-layer: setup
 bench-epoch: setup  # where an ML-1M training step goes: body vs loss head, per arch and loss
 	$(PYTHON) -m benchmarks.epoch $(ARGS)
 
+# peak RSS per training rank (2 ranks) on SinkBench logs of 10M and 100M events; BASELINE=<checkout> runs
+# the same training there too (e.g. a git worktree of the commit before streaming); minutes, not in `bench`
+BASELINE ?=
+bench-data: setup
+	$(PYTHON) -m benchmarks.data_memory $(if $(BASELINE),--baseline $(BASELINE)) $(ARGS)
+
 bench-ops: setup
 	$(PYTHON) -m benchmarks.ops
 
@@ -75,6 +81,15 @@ bench-ops: setup
 CROSSCHECK_EPOCHS ?= 10
 bench-crosscheck: setup
 	$(PYTHON) -m benchmarks.sasrec_crosscheck --epochs $(CROSSCHECK_EPOCHS) $(ARGS)
+
+# The SinkBench study (docs/STUDY.md): SinkBench logs at 3 repeat ratios x {SinkRec, GDN, SASRec} x 2 seeds
+# + SinkRec's ablations, one MLflow parent run; about 1.5-2 h on 2 free cores. QUICK=1: the same
+# machinery on a tiny grid (~2-4 min; its report goes to outputs/study-quick/, not docs/).
+# RESUME=1 reuses the finished runs of an interrupted study.
+QUICK ?=
+RESUME ?=
+study: setup
+	$(PYTHON) -m sinkrec.study $(if $(QUICK),--quick) $(if $(RESUME),--resume) $(ARGS)
 
 clean:
 	rm -rf data/processed bench_results .pytest_cache checkpoints lightning_logs

@@ -192,13 +192,26 @@ def train_and_analyse(g: Grid, run: Run, parent: str, uri: str, work: Path, resu
     summary_file = out / "summary.json"
     if resume and summary_file.exists():
         print(f"[study] {run.tag}: reusing {summary_file}", flush=True)
-        return json.loads(summary_file.read_text())
+        row = json.loads(summary_file.read_text())
+        if row.get("run_id"):  # nest it under this study's parent run
+            MlflowClient(uri).set_tag(row["run_id"], "mlflow.parentRunId", parent)
+        return row
     root = dataset_root(g, run.ratio)
     extra = ["--data.root", str(root), "--model.config.arch", run.arch, "--trainer.max_epochs", str(g.epochs),
              "--data.max_len", str(g.max_len), "--model.evaluation.diag_users", "32", *g.extra]
     for a in run.model.split("+")[1:]:
         extra += ABLATIONS[a]
-    row = run_one(CONFIG, run.seed, run.tag, parent, EXPERIMENT, uri, extra, work)
+    client = MlflowClient(uri)
+    if resume and (out / "metrics_test.json").exists():  # trained and tested, not yet analysed
+        final = json.loads((out / "metrics_test.json").read_text())
+        info = client.get_run(final["run_id"]).info
+        row = {"tag": run.tag, "config": str(CONFIG), "seed": run.seed, "rc": 0, "run_id": final["run_id"],
+               "metrics": final["metrics"], "wall_s": ((info.end_time or info.start_time) - info.start_time) / 1e3,
+               "peak_rss_gib": float("nan")}
+        client.set_tag(final["run_id"], "mlflow.parentRunId", parent)
+        print(f"[study] {run.tag}: reusing the trained run {final['run_id'][:8]}", flush=True)
+    else:
+        row = run_one(CONFIG, run.seed, run.tag, parent, EXPERIMENT, uri, extra, work)
     row.update(dataclasses.asdict(run), model=run.model)
     if row["rc"] != 0 or "metrics" not in row:
         return row
@@ -214,7 +227,6 @@ def train_and_analyse(g: Grid, run: Run, parent: str, uri: str, work: Path, resu
     if not row["consistent"]:
         print(f"[study] {run.tag}: WARNING analysis NDCG@10 {row['summary']['ndcg_10']:.6f} != trainer's "
               f"{trainer_ndcg:.6f}", flush=True)
-    client = MlflowClient(uri)
     for k, v in row["summary"].items():
         if math.isfinite(v):
             client.log_metric(row["run_id"], f"study/{k}", v)
