@@ -40,6 +40,10 @@ class SinkRecConfig:
     n_levels: int = 2  # RVQ levels
     n_codes: int = 256  # codes per RVQ level
     commit_weight: float = 0.25  # weight of the RVQ commitment loss in aux_loss
+    # weight of the coverage supervision in aux_loss: BCE between rho_t and "this position's RVQ code
+    # tuple already occurred earlier in the sequence" (a recurring local pattern). 0 = the spec's rho,
+    # learned by the task loss alone (docs/MODEL.md, docs/STUDY.md: it stays at its init there)
+    coverage_weight: float = 0.0
     ema_decay: float = 0.99  # EMA decay of the codebook statistics
     time_scale: float = 3600.0  # seconds; phi = log1p(dt / time_scale)
     conv_size: int = 4  # short causal conv kernel (q/k/v) and local-pattern window of the memory
@@ -74,6 +78,8 @@ class SinkRecConfig:
                              "'auto', 'chunk', 'recurrent', 'fla'")
         if self.gate_backend not in GATE_BACKENDS:
             raise ValueError(f"SinkRecConfig.gate_backend={self.gate_backend!r} must be one of {GATE_BACKENDS}")
+        if self.coverage_weight < 0:
+            raise ValueError(f"SinkRecConfig.coverage_weight={self.coverage_weight} must be >= 0")
         if self.n_loops < 1 or self.n_blocks < 1:
             raise ValueError(f"SinkRecConfig: n_blocks={self.n_blocks} and n_loops={self.n_loops} must be >= 1")
         if self.arch == "elastic":
@@ -152,6 +158,7 @@ class SinkRec(SeqRecModel):
                 diff_read=cfg.diff_read, temporal=cfg.temporal, n_levels=cfg.n_levels, n_codes=cfg.n_codes,
                 ema_decay=cfg.ema_decay, conv_size=cfg.conv_size, dropout=cfg.dropout,
                 kernel_backend=cfg.kernel_backend, gate_backend=cfg.gate_backend,
+                coverage_weight=cfg.coverage_weight,
             )
             for _ in range(cfg.n_blocks)
         )
@@ -167,19 +174,21 @@ class SinkRec(SeqRecModel):
         keep = mask[..., None].to(self.item_emb.weight.dtype)  # [B, T, 1]
         phi = time_features(ts, mask, self.cfg.time_scale)
         h = self.emb_dropout(self.embed(self.item_emb(items)))
-        commit, states = h.new_zeros(()), [] if return_states else None
+        commit, coverage, states = h.new_zeros(()), h.new_zeros(()), [] if return_states else None
         for loop in range(self.cfg.n_loops):
             h = h + self.loop_emb.weight[loop]
             for block in self.blocks:
                 # zero pads so the convolutions of the first real events see zeros, whatever
                 # the amount of left padding
-                h, c, record = block(h * keep, phi, mask, return_states)
-                commit = commit + c
+                h, c, cov, record = block(h * keep, phi, mask, return_states)
+                commit, coverage = commit + c, coverage + cov
                 if return_states:
                     states.append(record)
         hidden = self.head_norm(self.norm_f(h)) * keep
         n_passes = self.cfg.n_loops * self.cfg.n_blocks
         aux = self.cfg.commit_weight * commit / n_passes if self.cfg.memory else commit
+        if self.cfg.coverage_weight > 0 and self.cfg.memory:
+            aux = aux + self.cfg.coverage_weight * coverage / n_passes
         return ModelOutput(hidden, aux, states)
 
     # ---- streaming inference, O(1) per event ----

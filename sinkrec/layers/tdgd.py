@@ -150,13 +150,30 @@ class TDGD(nn.Module):
         return y[:, 0], {"conv": buf, "S": S}
 
 
+def recurring_codes(codes: torch.Tensor, mask: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """codes [B, T, L] (RVQ code tuples), mask [B, T] -> bool [B, T]: the position's code tuple
+    already occurred at an earlier real position of the same row (a recurring local pattern)."""
+    B, T, L = codes.shape
+    key = torch.zeros(B, T, dtype=torch.long, device=codes.device)
+    for level in range(L):
+        key = key * n_codes + codes[..., level].long()
+    pos = torch.arange(T, device=codes.device).expand(B, T)
+    key = torch.where(mask, key, -1 - pos)  # pads get unique keys: they never match
+    sorted_key, order = key.sort(dim=1, stable=True)  # stable: earlier positions first within a key
+    first = torch.ones_like(mask)
+    first[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    seen = torch.zeros_like(mask).scatter_(1, order, ~first)
+    return seen & mask
+
+
 class SinkRecBlock(nn.Module):
     """memory (storage) -> TDGD (transition) -> SwiGLU FFN. Weights are shared across loops."""
 
     def __init__(self, d_model: int, n_heads: int, *, memory: bool, purify_write: bool, diff_read: bool,
                  temporal: bool, n_levels: int, n_codes: int, ema_decay: float, conv_size: int,
-                 dropout: float, kernel_backend: str, gate_backend: str) -> None:
+                 dropout: float, kernel_backend: str, gate_backend: str, coverage_weight: float = 0.0) -> None:
         super().__init__()
+        self.n_codes, self.coverage_weight = n_codes, coverage_weight
         self.memory = RVQMemory(d_model, n_levels, n_codes, conv_size, ema_decay) if memory else None
         self.tdgd = TDGD(d_model, n_heads, memory=memory, purify_write=purify_write, diff_read=diff_read,
                          temporal=temporal, conv_size=conv_size, kernel_backend=kernel_backend,
@@ -165,16 +182,25 @@ class SinkRecBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h, phi, mask, return_record: bool = False):
-        """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, record | None)."""
+        """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, coverage loss, record | None)."""
         m, commit, codes = None, h.new_zeros(()), None
         if self.memory is not None:
             h, m, commit, codes = self.memory(h, mask)
-        y, record = self.tdgd(h, m, phi, mask, return_record)
+        supervise = self.memory is not None and self.coverage_weight > 0 and self.training
+        y, record = self.tdgd(h, m, phi, mask, return_record or supervise)
+        coverage = h.new_zeros(())
+        if supervise:
+            target = recurring_codes(codes, mask, self.n_codes).to(record["rho"].dtype)  # [B, T]
+            rho = record["rho"].clamp(1e-6, 1 - 1e-6)  # [B, T, H]
+            bce = F.binary_cross_entropy(rho, target[..., None].expand_as(rho), reduction="none").mean(-1)
+            coverage = (bce * mask).sum() / mask.sum().clamp_min(1)
         h = h + self.dropout(y)
         h = h + self.ffn(h)
-        if record is not None:
+        if not return_record:
+            record = None
+        elif record is not None:
             record["codes"] = codes
-        return h, commit, record
+        return h, commit, coverage, record
 
     def init_cache(self, B: int, device=None, dtype=torch.float32) -> dict:
         cache = {"tdgd": self.tdgd.init_cache(B, device, dtype)}
