@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from sinkrec.modules import ProductKeyMemory, RMSNorm, SwiGLU
-from sinkrec.ops.dispatcher_attention import DispatcherState, dispatcher_attention
+from sinkrec.ops.dispatcher import DispatcherState, dispatcher_attention
 
 # Dispatcher logits are soft-capped to +-LOGIT_CAP (cap * tanh(a / cap)): the chunked form is exact
-# while logits within a chunk span < ~80 (see ops/dispatcher_attention/chunk.py); 30 leaves margin
+# while logits within a chunk span < ~80 (see ops/dispatcher/chunk.py); 30 leaves margin
 # and is the identity to within 4% for |a| < 10.
 LOGIT_CAP = 30.0
 

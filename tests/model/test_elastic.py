@@ -10,8 +10,8 @@ from model_testkit import left_pad, make, random_batch, tiny_config
 from sinkrec.layers.elastic import LOGIT_CAP
 from sinkrec.model import Elastic, build_model
 from sinkrec.modules import ProductKeyMemory
-from sinkrec.ops.dispatcher_attention import dispatcher_attention
-from sinkrec.ops.dispatcher_attention.chunk import chunk_dispatcher_attention
+from sinkrec.ops.dispatcher import dispatcher_attention
+from sinkrec.ops.dispatcher.chunk import CHUNK_SIZE, chunk_dispatcher_attention
 
 TOL = 1e-5  # relative RMS error of float32 against the float64 reference
 
@@ -43,7 +43,7 @@ def test_naive_reference_on_a_hand_computed_case():
     torch.testing.assert_close(y.view(3), expected)
 
 
-@pytest.mark.parametrize("T,chunk", [(75, 64), (63, 16), (130, 64), (2, 64), (13, 4)])
+@pytest.mark.parametrize("T,chunk", [(75, 32), (100, 32), (63, 16), (130, 64), (2, 64), (13, 4)])
 def test_chunk_equals_naive_outputs_and_gradients(T, chunk):
     """T not a multiple of the chunk; random upstream gradient; float32 chunk vs float64 reference."""
     (q, a, v), mask = lda_inputs(T=T)
@@ -63,9 +63,9 @@ def test_chunk_equals_naive_outputs_and_gradients(T, chunk):
 def test_chunk_exact_over_the_capped_logit_range_and_why_the_cap_exists():
     """Logits spanning the whole +-LOGIT_CAP range inside one chunk: still exact in float32. Spanning
     +-100 (what the cap prevents), the chunk-end max underflows the early positions' denominators."""
-    (q, _, v), mask = lda_inputs(T=64)
-    a = 2 * torch.rand(3, 64, 2, 5, generator=torch.Generator().manual_seed(1)) - 1  # in [-1, 1]
-    a[:, :, :, 0] = torch.linspace(-1, 1, 64)[None, :, None]  # dispatcher 0 rises across the chunk
+    (q, _, v), mask = lda_inputs(T=CHUNK_SIZE)  # one chunk
+    a = 2 * torch.rand(3, CHUNK_SIZE, 2, 5, generator=torch.Generator().manual_seed(1)) - 1  # in [-1, 1]
+    a[:, :, :, 0] = torch.linspace(-1, 1, CHUNK_SIZE)[None, :, None]  # dispatcher 0 rises across the chunk
     for span, exact in ((LOGIT_CAP, True), (100.0, False)):
         y, _ = dispatcher_attention(q, span * a, v, mask=mask)
         ref, _ = dispatcher_attention(q.double(), span * a.double(), v.double(), mask=mask, backend="naive")
@@ -163,7 +163,7 @@ def small(seed: int = 0, **overrides) -> Elastic:
 
 
 def test_left_padding_invariance_across_chunk_boundaries():
-    """T = 100 (two 64-chunks), 1..70 extra pads shift every chunk boundary."""
+    """T = 100 (four 32-chunks), 1..70 extra pads shift every chunk boundary."""
     model = small().eval()
     items, ts = random_batch(T=100, pads=(30, 0, 65))
     base = model(items, ts).hidden

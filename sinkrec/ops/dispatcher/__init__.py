@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from sinkrec.ops.dispatcher_attention.chunk import CHUNK_SIZE, chunk_dispatcher_attention
-from sinkrec.ops.dispatcher_attention.naive import naive_dispatcher_attention
-from sinkrec.ops.dispatcher_attention.state import DispatcherState
+from sinkrec.ops.dispatcher.chunk import CHUNK_SIZE, chunk_dispatcher_attention
+from sinkrec.ops.dispatcher.naive import naive_dispatcher_attention
+from sinkrec.ops.dispatcher.state import DispatcherState
 
 BACKENDS = ("auto", "naive", "chunk")
 
