@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,12 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.contract import FORMAT_VERSION, ITEM_IDX, MANIFEST, TS, USER_IDX, sha256_of
+
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def make_processed(
@@ -46,13 +43,13 @@ def make_processed(
         items = [(start + t - 1) % num_items + 1 if rng.random() < 0.8 else int(rng.integers(1, num_items + 1))
                  for t in range(n)]
         ts = np.cumsum(rng.integers(0, 5000, n)).astype(np.int64) + 1_000_000
-        row = {"user_idx": u, "item_idx": items, "ts": ts.tolist()}
+        row = {USER_IDX: u, ITEM_IDX: items, TS: ts.tolist()}
         if kind:
             row["kind"] = rng.integers(0, 2, n).tolist()
         rows[u % n_shards].append(row)
         events += n
-    fields = [pa.field("user_idx", pa.int64()), pa.field("item_idx", pa.list_(pa.int32())),
-              pa.field("ts", pa.list_(pa.int64()))]
+    fields = [pa.field(USER_IDX, pa.int64()), pa.field(ITEM_IDX, pa.list_(pa.int32())),
+              pa.field(TS, pa.list_(pa.int64()))]
     if kind:
         fields.append(pa.field("kind", pa.list_(pa.int8())))
     schema = pa.schema(fields)
@@ -61,14 +58,14 @@ def make_processed(
         rel = f"shards/part-{s:05d}.parquet"
         table = pa.Table.from_pylist(shard_rows, schema=schema)
         pq.write_table(table, root / rel)
-        shards.append({"path": rel, "rows": len(shard_rows), "events": sum(len(r["item_idx"]) for r in shard_rows),
-                       "sha256": _sha(root / rel)})
+        shards.append({"path": rel, "rows": len(shard_rows), "events": sum(len(r[ITEM_IDX]) for r in shard_rows),
+                       "sha256": sha256_of(root / rel)})
     pq.write_table(pa.table({"item_idx": pa.array(range(1, num_items + 1), pa.int32()),
                              "raw_item_id": [str(i) for i in range(1, num_items + 1)]}), root / "items.parquet")
     pq.write_table(pa.table({"user_idx": pa.array(range(n_users), pa.int64()),
                              "raw_user_id": [str(u) for u in range(n_users)]}), root / "users.parquet")
     manifest = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "name": name,
         "sources": [],
         "config": {"fixture": "tests/train/conftest.py"},
@@ -79,7 +76,7 @@ def make_processed(
         "shards": shards,
         "split": {"protocol": "leave_one_out"},
     }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return root
 
 

@@ -291,3 +291,14 @@ def test_a_mid_epoch_checkpoint_resumes_at_the_next_batch(tiny_data):
     ended.load_state_dict({"epoch": 2, "consumed": len(reference)})
     ended.sampler.set_epoch(3)
     assert len([b for b in ended]) == len(reference)
+
+
+def test_the_trainer_reads_the_contract_without_polars():
+    """The data contract (pipeline/contract.py) is standard library only: importing the trainer must
+    not pull in the preprocessing stack."""
+    import subprocess
+    import sys
+
+    code = "import sys, sinkrec.cli, sinkrec.data; print('polars' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
