@@ -1,6 +1,8 @@
 """`python -m sinkrec {fit,validate,test,predict} --config conf/train/<name>.yaml` (see sinkrec/cli.py)."""
 
-from sinkrec.cli import main
+import sys
+
+from sinkrec.cli import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -14,25 +14,47 @@ the config schema. Top-level config groups:
 Linked from the data: data.num_items -> model.config.num_items (at instantiation, from the
 manifest) and data.max_len -> model.config.max_len. `fit` then tests the best checkpoint in the
 same MLflow run (`--test_after_fit false` to skip).
+
+Faults and bad inputs (sinkrec/faults.py, sinkrec/checkpoints.py, sinkrec/errors.py): `run` is the
+command-line entry; a `UserError` (or the data path's `ShardError`) prints as one paragraph and exits 2
+(`--debug` or SINKREC_DEBUG=1 for the traceback), a preemption (SIGTERM) exits 143 after writing
+last.ckpt. Checkpoints are written atomically and read with weights_only=True.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from sinkrec.callbacks import EventThroughput, MLflowArtifacts, MLflowSaveConfig, PredictionWriter
-from sinkrec.data import SeqRecDataModule
+from sinkrec.checkpoints import RUNTIME_KEYS, AtomicCheckpointIO, check_against, read_checkpoint
+from sinkrec.data import SeqRecDataModule, ShardError
 from sinkrec.distributed import choose_strategy, destroy_process_group, env_world_size
+from sinkrec.errors import ConfigError, UserError, debug_enabled, nearest, where
+from sinkrec.faults import (
+    PREEMPTED_EXIT,
+    KillableMLFlowLogger,
+    Preempted,
+    Preemption,
+    RankWatch,
+    check_tracking_store,
+)
 from sinkrec.lit_module import OptimConfig, SeqRecModule
+from sinkrec.model import SinkRecConfig
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 @dataclass
@@ -43,6 +65,7 @@ class MLflowConfig:
     run_name: str | None = None  # None: the config file's stem (e.g. "ml1m_sinkrec")
     log_checkpoint: bool = True  # upload the best checkpoint as an artifact
     parent_run_id: str | None = None  # nest this run under another (e.g. a `make compare` parent run)
+    check_timeout_s: float = 5.0  # the store must answer within this before training starts, else an error
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -73,8 +96,71 @@ class SinkRecCLI(LightningCLI):
                              "checkpoint.filename": "best-epoch{epoch:03d}",
                              "checkpoint.auto_insert_metric_name": False, "checkpoint.dirpath": "checkpoints"})
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        # checked after each validation only: a run that ends (max_steps) before its first validation
+        # has no val/ndcg_10 to check, which is not an error
         parser.set_defaults({"early_stopping.monitor": "val/ndcg_10", "early_stopping.mode": "max",
-                             "early_stopping.patience": 3})
+                             "early_stopping.patience": 3, "early_stopping.check_on_train_epoch_end": False})
+        parser.add_argument("--dist_timeout_s", type=float, default=600.0,
+                            help="seconds a collective (gloo/NCCL) may wait for a peer before the job fails, "
+                                 "naming the rank that stopped")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            raise ConfigError(parse_error_message(e, parser, self._argv)) from e
+
+    def _sub(self, key: str, default: Any = None) -> Any:
+        sub = self.config.get("subcommand")
+        return self.config[sub].get(key, default) if sub else default
+
+    def before_instantiate_classes(self) -> None:
+        """Config values that cannot work, named by key and file, before anything is built."""
+        sub, argv = self.config.get("subcommand"), self._argv
+        configs = [str(c) for c in (self._sub("config") or [])]
+        check_values(self.config[sub], lambda key: where(key, argv, configs))
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a checkpoint whose model (or, resuming fit, optimizer) config differs from this run's.
+
+        LightningCLI would instead overwrite this run's model config with the checkpoint's, silently."""
+        sub = self.config.get("subcommand")
+        path = self._sub("ckpt_path")
+        if path == "last":
+            path = str(Path(self._sub("checkpoint").dirpath or "checkpoints") / "last.ckpt")
+            if not Path(path).is_file():
+                return  # Lightning warns and starts from scratch: the first run of a requeued job
+        self._ckpt = None
+        if not path or path in ("best", "hpc", "registry") or Path(path).is_dir():  # (DeepSpeed: a folder)
+            return
+        ckpt = read_checkpoint(path)
+        made = ckpt.get("hyper_parameters") or {}
+        now = self.config[sub]
+        conflicts = [f"model.config.{k}: checkpoint {v!r}, this run {now.model.config.get(k)!r}"
+                     for k, v in made.get("config", {}).items()
+                     if k not in RUNTIME_KEYS and now.model.config.get(k) is not None
+                     and now.model.config.get(k) != v]
+        if sub == "fit":
+            conflicts += [f"optimizer.{k}: checkpoint {v!r}, this run {now.optimizer.get(k)!r}"
+                          for k, v in made.get("optim", {}).items()
+                          if now.optimizer.get(k) is not None and _plain(now.optimizer.get(k)) != _plain(v)]
+        if conflicts:
+            linked = " (model.config.max_len is data.max_len)" if any("max_len" in c for c in conflicts) else ""
+            config = ", ".join(f"{k}={v!r}" for k, v in made.get("config", {}).items() if k != "num_items")
+            raise UserError(f"--ckpt_path {path} was made with other settings than this run: "
+                            f"{'; '.join(conflicts)}{linked}. The checkpoint's model.config: {config}. "
+                            "Use the config that made it (drop the overrides), or start a new run without "
+                            "--ckpt_path.")
+        self._ckpt = (path, ckpt)
+
+    def _check_ckpt_fits(self) -> None:
+        if getattr(self, "_ckpt", None):
+            path, ckpt = self._ckpt
+            for line in check_against(ckpt, path, self.model, resuming=self.subcommand == "fit"):
+                rank_zero_warn(line)
+
+    before_fit = before_validate = before_test = before_predict = _check_ckpt_fits
 
     def _cfg(self, key: str) -> Any:
         return self._get(self.config_init, key)
@@ -91,24 +177,32 @@ class SinkRecCLI(LightningCLI):
                 "subcommand": str(self.subcommand)}
         if m.parent_run_id:
             tags["mlflow.parentRunId"] = m.parent_run_id  # MLflow's own nesting tag
-        return MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
-                            artifact_location=_artifact_location(uri, experiment), tags=tags)
+        check_tracking_store(uri, m.check_timeout_s)  # seconds, not MLflow's minutes of retries
+        return KillableMLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
+                                    artifact_location=_artifact_location(uri, experiment), tags=tags)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = {**self._cfg("trainer"), **kwargs}
         world = env_world_size(trainer_cfg.get("devices"), trainer_cfg.get("num_nodes") or 1)
+        timeout = datetime.timedelta(seconds=self._cfg("dist_timeout_s"))
         strategy, description = choose_strategy(trainer_cfg.get("strategy", "auto"),
-                                                self._cfg("deepspeed_config"), world)
+                                                self._cfg("deepspeed_config"), world, timeout)
         rank_zero_info(description)
         trainer_cfg["strategy"] = strategy
         trainer_cfg["use_distributed_sampler"] = False  # the data module splits users across ranks itself
+        # temp file + fsync + rename: a kill or a full disk never leaves a truncated checkpoint
+        plugins = trainer_cfg.get("plugins") or []
+        trainer_cfg["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         # last.ckpt after every epoch, for `--ckpt_path last` (a monitored ModelCheckpoint with save_last
         # only refreshes it when the monitored metric improves)
+        # (no version counter: last.ckpt written by a preemption is overwritten, not kept beside a last-v1.ckpt)
         callbacks.append(ModelCheckpoint(dirpath=self._cfg("checkpoint").dirpath, monitor=None, save_top_k=1,
                                          save_last=True, filename="latest-epoch{epoch:03d}",
-                                         auto_insert_metric_name=False))
-        callbacks += [EventThroughput(), PredictionWriter(),
+                                         auto_insert_metric_name=False, enable_version_counter=False))
+        ckpt_dir = self._cfg("checkpoint").dirpath or "checkpoints"
+        callbacks += [Preemption(ckpt_dir), RankWatch(self._cfg("dist_timeout_s")), EventThroughput(),
+                      PredictionWriter(),
                       MLflowArtifacts(str(self.datamodule.root / "manifest.json"),
                                       log_checkpoint=self._cfg("mlflow").log_checkpoint)]
         if trainer_cfg.get("logger") in (None, True):
@@ -127,6 +221,67 @@ class SinkRecCLI(LightningCLI):
                           weights_only=True)
 
 
+SIZES = ("d_model", "n_heads", "n_blocks", "n_loops", "max_len", "n_levels", "n_codes", "conv_size",
+         "num_negatives")
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def check_values(cfg: Any, source: Any) -> None:
+    """ConfigError for values that cannot work; `source(key)` says where a key was set."""
+    def bad(key: str, value: Any, fix: str) -> ConfigError:
+        return ConfigError(f"{key}={value!r} (set in {source(key)}) cannot work: {fix}")
+
+    model = cfg.model.config
+    for name in SIZES:
+        if isinstance(model.get(name), int) and model.get(name) < 1:
+            raise bad(f"model.config.{name}", model.get(name), "it must be a positive integer")
+    if model.get("d_model") % model.get("n_heads"):
+        d, h = model.get("d_model"), model.get("n_heads")
+        raise bad("model.config.d_model", d, f"it must be divisible by model.config.n_heads={h} "
+                  f"(e.g. d_model={-(-d // h) * h}, or n_heads {', '.join(str(k) for k in range(1, d + 1) if d % k == 0)[:40]})")
+    if not 0 <= model.get("dropout") < 1:
+        raise bad("model.config.dropout", model.get("dropout"), "it must be in [0, 1)")
+    for name in ("max_len", "batch_size", "eval_batch_size"):
+        if cfg.data.get(name) is not None and cfg.data.get(name) < 1:
+            raise bad(f"data.{name}", cfg.data.get(name), "it must be a positive integer")
+    if cfg.data.get("num_workers", 0) < 0:
+        raise bad("data.num_workers", cfg.data.get("num_workers"), "it must be >= 0 (0 = load in the main process)")
+    o = cfg.optimizer
+    if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+        key, value = next((k, v) for k, v, ok in (("lr", o.lr, o.lr > 0), ("warmup_steps", o.warmup_steps,
+                          o.warmup_steps >= 0), ("min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1)) if not ok)
+        raise bad(f"optimizer.{key}", value, "lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
+    if cfg.get("dist_timeout_s") is not None and cfg.dist_timeout_s <= 0:
+        raise bad("dist_timeout_s", cfg.dist_timeout_s, "it must be a positive number of seconds")
+    try:  # the model's own rules (arch, loss, backends, ...); num_items comes from the data later
+        SinkRecConfig(**{**{f.name: model.get(f.name) for f in fields(SinkRecConfig) if f.name in model},
+                         "num_items": 1}).validate()
+    except ValueError as e:
+        raise ConfigError(f"{e} (model.config, set in {source('model.config')})") from None
+
+
+def parse_error_message(e: Exception, parser: LightningArgumentParser, argv: list[str]) -> str:
+    """jsonargparse's error without the usage screen, with the nearest valid key for an unknown one."""
+    import re
+
+    text = " ".join(str(e).split())
+    sub = next((a for a in argv if a in SUBCOMMANDS), None)
+    action = getattr(parser, "_subcommands_action", None)
+    subparser = action._name_parser_map.get(sub) if action is not None and sub else parser
+    keys = [o.lstrip("-") for a in subparser._actions for o in a.option_strings if o.startswith("--")]
+    unknown = re.findall(r"--([\w.]+)", text.split("unrecognized arguments:", 1)[-1]) \
+        if "unrecognized arguments" in text else re.findall(r"[Kk]ey ['\"]([\w.]+)['\"]", text)
+    hints = [f"Did you mean --{near}?" for k in unknown if (near := nearest(k, keys))]
+    configs = [a for i, a in enumerate(argv) if i and argv[i - 1] in ("--config", "-c")]
+    where_ = " (on the command line)" if "unrecognized arguments" in text else \
+        f" (in {', '.join(configs)})" if configs else ""
+    return (f"{text}{where_}. " + " ".join(hints) +
+            f" `python -m sinkrec {sub or 'fit'} --help` lists every key.").replace(". .", ".")
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         SinkRecCLI(
@@ -136,7 +291,32 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
             auto_configure_optimizers=False,
             seed_everything_default=1234,
+            parser_kwargs={"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}},
             args=args,
         )
     finally:
         destroy_process_group()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """`python -m sinkrec ...`: main() with user errors as one paragraph (exit 2) and preemption as 143."""
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if from_sys else argv)
+    debug = debug_enabled(argv)
+    argv = [a for a in argv if a != "--debug"]
+    if from_sys:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself when given no args
+    try:
+        main(None if from_sys else argv)
+    except (Preempted, SIGTERMException) as e:
+        print(f"preempted: {e or 'SIGTERM'}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
+    except (UserError, ShardError) as e:
+        if debug:
+            raise
+        message = str(e)
+        notes = " ".join(getattr(e, "__notes__", []))
+        print(f"error: {message}{' ' + notes if notes else ''}\n(--debug or SINKREC_DEBUG=1 shows the traceback)",
+              file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -44,8 +45,20 @@ def env_world_size(devices: Any = None, num_nodes: int = 1) -> int:
     return max(1, n) * max(1, num_nodes)
 
 
-def choose_strategy(requested: Any, deepspeed_config: str, world_size: int) -> tuple[Any, str]:
-    """(strategy for the Trainer, one line describing it). Only "auto" is decided here."""
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def choose_strategy(requested: Any, deepspeed_config: str, world_size: int,
+                    timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> tuple[Any, str]:
+    """(strategy for the Trainer, one line describing it). Only "auto" (and plain "ddp") is decided here.
+
+    `timeout` bounds every collective (gloo/NCCL): a rank that died or hangs ends the job after it,
+    instead of torch's default (30 min gloo, 10 min NCCL)."""
+    if requested == "ddp" and world_size > 1:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        line = f"strategy: ddp (trainer.strategy, world size {world_size}, timeout {timeout.total_seconds():g} s)"
+        return DDPStrategy(timeout=timeout), line
     if requested != "auto":
         if isinstance(requested, str) and requested.startswith("deepspeed") and not torch.cuda.is_available():
             raise ValueError(
@@ -61,11 +74,12 @@ def choose_strategy(requested: Any, deepspeed_config: str, world_size: int) -> t
             raise FileNotFoundError(f"deepspeed_config={deepspeed_config!r}: no such file (see conf/deepspeed/)")
         line = (f"strategy: deepspeed ZeRO stage {_zero_stage(deepspeed_config)} ({deepspeed_config}), "
                 f"CUDA, world size {world_size}")
-        return DeepSpeedStrategy(config=deepspeed_config), line
+        return DeepSpeedStrategy(config=deepspeed_config, timeout=timeout), line
     if world_size > 1:
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(process_group_backend="gloo"), f"strategy: ddp (gloo, CPU), world size {world_size}"
+        return DDPStrategy(process_group_backend="gloo", timeout=timeout), \
+            f"strategy: ddp (gloo, CPU), world size {world_size}, collective timeout {timeout.total_seconds():g} s"
     return "auto", "strategy: single process on CPU (ddp/gloo is chosen when the world size is > 1)"
 
 

@@ -1,0 +1,217 @@
+"""The trainer under bad inputs and faults, the quick cases (the slow ones against ML-100K: tests/chaos).
+
+Bad inputs go through `sinkrec.cli.run` (what `python -m sinkrec` calls): exit 2 and one paragraph
+naming the key or file, no traceback. Checkpoint writes are atomic and survive a kill or a full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sinkrec.checkpoints import AtomicCheckpointIO, CheckpointWriteError, read_checkpoint
+from sinkrec.cli import main, run
+from sinkrec.errors import UserError
+from tests.train.test_cli import write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--mlflow.enabled", "false", "--test_after_fit", "false"]
+
+
+def clean_error(capsys, argv: list[str], *needles: str) -> str:
+    """run(argv) must exit 2 with a one-paragraph error holding every needle and no traceback."""
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    message = err[err.index("error: "):]
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+@pytest.fixture(scope="module")
+def ckpt_run(tiny_data, tmp_path_factory) -> Path:
+    """One epoch of the tiny model; its config is <out>/c.yaml, its checkpoints <out>/ckpt/."""
+    out = tmp_path_factory.mktemp("faults")
+    cfg = write_config(out / "c.yaml", tiny_data, out, trainer={"max_epochs": 1})
+    main(["fit", "--config", str(cfg), *FAST])
+    return out
+
+
+# ---------------------------------------------------------------- config values that cannot work
+@pytest.mark.parametrize("override, needles", [
+    (["--model.config.d_model", "30", "--model.config.n_heads", "4"],
+     ["model.config.d_model=30", "divisible by model.config.n_heads=4", "the command line", "d_model=32"]),
+    (["--model.config.n_blocks", "0"], ["model.config.n_blocks=0", "positive integer"]),
+    (["--data.batch_size", "-3"], ["data.batch_size=-3", "positive integer"]),
+    (["--optimizer.lr", "0"], ["optimizer.lr=0.0", "lr must be > 0"]),
+    (["--model.config.arch", "transformer"], ["arch='transformer'", "must be one of", "the command line"]),
+    (["--model.config.n_headz", "2"],
+     ["unrecognized arguments: --model.config.n_headz", "Did you mean --model.config.n_heads?"]),
+])
+def test_bad_config_values_are_one_paragraph(tiny_data, tmp_path, capsys, override, needles):
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path)
+    clean_error(capsys, ["fit", "--config", str(cfg), *FAST, *override], *needles)
+    assert not (tmp_path / "ckpt").exists()  # refused before anything trained
+
+
+def test_bad_value_in_the_config_file_names_the_file(tiny_data, tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path, d_model=18, n_heads=4)
+    clean_error(capsys, ["fit", "--config", str(cfg), *FAST], "model.config.d_model=18", str(cfg))
+
+
+def test_debug_shows_the_traceback(tiny_data, tmp_path, monkeypatch):
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path)
+    with pytest.raises(UserError, match="divisible"):
+        run(["fit", "--config", str(cfg), *FAST, "--model.config.n_heads", "3", "--debug"])
+    monkeypatch.setenv("SINKREC_DEBUG", "1")
+    with pytest.raises(UserError, match="positive integer"):
+        run(["fit", "--config", str(cfg), *FAST, "--model.config.d_model", "0"])
+
+
+# ---------------------------------------------------------------- checkpoints as input
+class Evil:
+    """Unpickling this runs a command; a weights-only load must refuse it before that."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_file_that_is_not_a_checkpoint_is_refused_and_never_executed(ckpt_run, capsys, tmp_path):
+    cfg = ckpt_run / "c.yaml"
+    marker = tmp_path / "executed"
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": Evil(marker)}))
+    msg = clean_error(capsys, ["test", "--config", str(cfg), "--ckpt_path", str(evil), "--mlflow.enabled", "false"],
+                      str(evil), "not a readable checkpoint", "weights_only=True")
+    assert not marker.exists()
+    assert "weights_only=False" not in msg  # torch's advice to load it unsafely is not repeated
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint at all" * 10)
+    clean_error(capsys, ["test", "--config", str(cfg), "--ckpt_path", str(garbage), "--mlflow.enabled", "false"],
+                str(garbage), "not a readable checkpoint")
+    plain = tmp_path / "tensor.ckpt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    clean_error(capsys, ["test", "--config", str(cfg), "--ckpt_path", str(plain), "--mlflow.enabled", "false"],
+                str(plain), "not a Lightning checkpoint")
+
+
+def test_checkpoint_of_another_model_shape_names_keys_and_config(ckpt_run, capsys):
+    cfg, last = ckpt_run / "c.yaml", str(ckpt_run / "ckpt" / "last.ckpt")
+    msg = clean_error(capsys, ["test", "--config", str(cfg), "--ckpt_path", last, "--mlflow.enabled", "false",
+                               "--model.config.d_model", "32"],
+                      last, "model.config.d_model: checkpoint 16, this run 32", "d_model=16", "n_heads=2")
+    assert "drop the overrides" in msg
+
+
+def test_checkpoint_of_another_dataset_names_the_mismatching_keys(ckpt_run, tmp_path, capsys):
+    from tests.train.conftest import make_processed
+
+    other = make_processed(tmp_path / "other", num_items=50)
+    cfg = write_config(tmp_path / "o.yaml", other, tmp_path)
+    last = str(ckpt_run / "ckpt" / "last.ckpt")
+    clean_error(capsys, ["test", "--config", str(cfg), "--ckpt_path", last, "--mlflow.enabled", "false"],
+                last, "model.item_emb.weight: checkpoint (41, 16), this model (51, 16)", "num_items=40")
+
+
+def test_resume_with_a_conflicting_override_is_refused(ckpt_run, capsys):
+    cfg = ckpt_run / "c.yaml"
+    for override, needle in ((["--model.config.n_loops", "2"], "model.config.n_loops: checkpoint 1, this run 2"),
+                             (["--optimizer.lr", "0.5"], "optimizer.lr: checkpoint 0.01, this run 0.5"),
+                             (["--data.max_len", "12"], "model.config.max_len is data.max_len")):
+        clean_error(capsys, ["fit", "--config", str(cfg), *FAST, "--trainer.max_epochs", "2", "--ckpt_path", "last",
+                             *override], needle, "last.ckpt")
+    assert torch.load(ckpt_run / "ckpt" / "last.ckpt", weights_only=True)["epoch"] == 0  # nothing resumed
+
+
+# ---------------------------------------------------------------- atomic checkpoint writes
+def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, path)
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=rf"{path}: the disk is full .*previous last.ckpt is intact"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, path)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left
+
+
+KILL_MID_SAVE = """
+import os, signal, sys, torch
+from sinkrec.checkpoints import AtomicCheckpointIO
+path = sys.argv[1]
+io = AtomicCheckpointIO()
+io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "epoch": 0}, path)
+def killed_mid_write(obj, f, *a, **k):
+    f.write(b"PK" + b"x" * 1000)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = killed_mid_write
+io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "epoch": 1}, path)
+"""
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_old_one_loadable(tmp_path):
+    path = tmp_path / "last.ckpt"
+    p = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(path)], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120, check=False)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    ck = read_checkpoint(path)
+    assert ck["epoch"] == 0 and torch.equal(ck["state_dict"]["w"], torch.ones(1000))
+
+
+# ---------------------------------------------------------------- MLflow store unreachable or locked
+def test_unreachable_mlflow_store_fails_before_training(tiny_data, tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path)
+    clean_error(capsys, ["fit", "--config", str(cfg), "--mlflow.tracking_uri", "http://127.0.0.1:9"],
+                "MLflow tracking store http://127.0.0.1:9 is unreachable", "--mlflow.enabled false")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_locked_mlflow_store_fails_before_training(tiny_data, tmp_path, capsys):
+    db = tmp_path / "mlflow.db"
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path)
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        clean_error(capsys, ["fit", "--config", str(cfg), "--mlflow.check_timeout_s", "0.5"],
+                    f"MLflow tracking store sqlite:///{db} cannot be written", "locked")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert not (tmp_path / "ckpt").exists()
+
+
+# ---------------------------------------------------------------- training that ends early
+def test_max_steps_before_the_first_validation_is_not_an_error(tiny_data, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path)
+    assert run(["fit", "--config", str(cfg), *FAST, "--trainer.max_steps", "1"]) == 0
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1
+
+
+def test_collective_timeout_is_set_and_configurable():
+    import datetime
+
+    from sinkrec.distributed import choose_strategy
+
+    ddp, line = choose_strategy("auto", "conf/deepspeed/zero2.json", 2, datetime.timedelta(seconds=42))
+    assert ddp._timeout == datetime.timedelta(seconds=42) and "timeout 42 s" in line
+    ddp, _ = choose_strategy("ddp", "x", 2, datetime.timedelta(seconds=7))
+    assert ddp._timeout == datetime.timedelta(seconds=7)
