@@ -1,7 +1,19 @@
-"""One-layer forward+backward: SASRec attention (SDPA) vs TDGD (chunk / recurrent delta rule).
+"""One-layer forward+backward: SASRec attention (SDPA) vs TDGD (chunk / recurrent delta rule) vs
+ELASTIC (linear dispatcher attention, alone and with the product-key interest memory).
 
     python -m benchmarks.layer            (make bench-layer)   full run, writes bench_results/layer.json
-    python -m benchmarks.layer --quick    T in {256, 1024} only
+    python -m benchmarks.layer --quick    T in {200, 1024} only
+    python -m benchmarks.layer --seq-lens 200 1024 --kinds sdpa elastic   any subset
+
+Layers (all d_model = 64, 2 heads, the residual update of one sublayer, no FFN):
+    sdpa            CausalSelfAttention with is_causal and no mask: SDPA's fused (flash) CPU kernel,
+                    the best case for SASRec
+    sdpa_masked     the same layer as sinkrec.model.SASRec runs it: a [B, 1, T, T] causal & key-is-real
+                    mask built per call, so SDPA takes its O(T^2)-memory math path
+    tdgd_chunk      TDGD (SinkRec's layer), chunked delta rule; tdgd_recurrent: per-step delta rule
+    elastic_lda     ELASTIC's linear dispatcher attention (32 dispatchers per head), chunked
+    elastic         elastic_lda, then the product-key memory (128^2 slots, top 8) on its output
+Besides fwd+bwd, every case except tdgd_recurrent also times a no-grad forward (inference).
 
 Every case runs in its own subprocess, so its peak memory is the increase of the process's
 peak resident set size (getrusage ru_maxrss) over the baseline taken after imports, weights
@@ -27,7 +39,8 @@ from pathlib import Path
 import torch
 
 D_MODEL, N_HEADS, TOKENS = 64, 2, 16384
-SEQ_LENS = (256, 1024, 4096, 16384)
+SEQ_LENS = (200, 1024, 4096, 16384)  # B = TOKENS // T (81 x 200 = 16,200 tokens at T = 200)
+KINDS = ("sdpa", "sdpa_masked", "tdgd_chunk", "tdgd_recurrent", "elastic_lda", "elastic")
 CHUNK = 64
 RESULTS = Path("bench_results/layer.json")
 
@@ -49,22 +62,38 @@ def _timeit(fn, reps: int, warmup: int = 1) -> list[float]:
 
 # ---- cases (each runs inside its own subprocess) ----
 def _layer_case(kind: str, T: int, reps: int) -> dict:
-    from sinkrec.layers import TDGD
+    from sinkrec.layers import TDGD, LinearDispatcherAttention
     from sinkrec.model import CausalSelfAttention
+    from sinkrec.modules import ProductKeyMemory
 
     torch.manual_seed(0)
     B = TOKENS // T
     h = torch.randn(B, T, D_MODEL, requires_grad=True)
     dy = torch.randn(B, T, D_MODEL)
+    mask = torch.ones(B, T, dtype=torch.bool)
     if kind == "sdpa":
         layer = CausalSelfAttention(D_MODEL, N_HEADS, dropout=0.0)
         run = lambda: layer(h)
+    elif kind == "sdpa_masked":
+        layer = CausalSelfAttention(D_MODEL, N_HEADS, dropout=0.0)
+
+        def run():  # the mask of SASRec.forward, built per call as the model does
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            eye = torch.eye(T, dtype=torch.bool)
+            return layer(h, ((causal & mask[:, None, :]) | eye)[:, None])
+    elif kind.startswith("elastic"):
+        lda = LinearDispatcherAttention(D_MODEL, N_HEADS, n_dispatchers=32)
+        pkm = ProductKeyMemory(D_MODEL, n_keys=128, topk=8) if kind == "elastic" else None
+        layer = torch.nn.ModuleList([lda] + ([pkm] if pkm else []))
+
+        def run():
+            y = lda(h, mask)[0]
+            return y if pkm is None else y + pkm(h + y)  # the block's second residual sublayer
     else:
         backend = kind.removeprefix("tdgd_")
         layer = TDGD(D_MODEL, N_HEADS, kernel_backend=backend, gate_backend="reference")
         m = torch.randn(B, T, D_MODEL)  # retrieved memory value, as the block passes it
         phi = torch.rand(B, T)
-        mask = torch.ones(B, T, dtype=torch.bool)
         run = lambda: layer(h, m, phi, mask)[0]
 
     def fwd_bwd():
@@ -74,7 +103,11 @@ def _layer_case(kind: str, T: int, reps: int) -> dict:
 
     base = _peak_rss_mb()
     times = _timeit(fwd_bwd, reps)
-    return {"median_ms": 1e3 * statistics.median(times), "peak_mb": _peak_rss_mb() - base, "B": B, "reps": reps}
+    out = {"median_ms": 1e3 * statistics.median(times), "peak_mb": _peak_rss_mb() - base, "B": B, "reps": reps}
+    if kind != "tdgd_recurrent":  # after the peak is read: a forward without autograd needs less
+        with torch.no_grad():
+            out["infer_ms"] = 1e3 * statistics.median(_timeit(run, reps))
+    return out
 
 
 def _chunk_flops(B: int, T: int, H: int, K: int, V: int, C: int = CHUNK) -> float:
@@ -155,7 +188,10 @@ def _run_case(args: list[str], timeout: int = 600) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="T in {256, 1024} only")
+    ap.add_argument("--quick", action="store_true", help="T in {200, 1024} only")
+    ap.add_argument("--seq-lens", type=int, nargs="+", help=f"sequence lengths (default {SEQ_LENS})")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="layers to measure")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results JSON (default {RESULTS})")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--recurrent-max-t", type=int, default=4096,
                     help="run the per-step recurrent backend up to this T; extrapolate linearly beyond")
@@ -178,17 +214,21 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    seq_lens = SEQ_LENS[:2] if args.quick else SEQ_LENS
+    seq_lens = args.seq_lens or (SEQ_LENS[:2] if args.quick else SEQ_LENS)
     results = {"config": {"d_model": D_MODEL, "n_heads": N_HEADS, "tokens_per_batch": TOKENS,
                           "reps": args.reps, "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "cpu": platform.processor() or platform.machine(),
                           "memory_method": "ru_maxrss delta per subprocess (see module docstring)"},
                "layer": [], "chunk_op": [], "notes": []}
-    results["matmul"] = _run_case(["matmul", str(args.reps)])
+    tdgd_extras = "tdgd_chunk" in args.kinds  # the chunk op's GFLOP/s and the fused-gates backends
+    results["matmul"] = _run_case(["matmul", str(args.reps)]) if tdgd_extras else {}
     for T in seq_lens:
-        for kind in ("sdpa", "tdgd_chunk", "tdgd_recurrent"):
+        for kind in args.kinds:
             if kind == "tdgd_recurrent" and T > args.recurrent_max_t:
-                prev = next(r for r in results["layer"] if r["kind"] == kind and r["T"] == args.recurrent_max_t)
+                prev = next((r for r in results["layer"] if r["kind"] == kind and r["T"] == args.recurrent_max_t
+                             and "median_ms" in r), None)
+                if prev is None:
+                    continue
                 # fixed tokens per batch: the per-step loop runs T steps over B = TOKENS / T rows,
                 # so time grows ~linearly in T (each step's work shrinks only with B)
                 est = prev["median_ms"] * T / args.recurrent_max_t
@@ -200,14 +240,17 @@ def main() -> None:
             r = _run_case(["layer", kind, str(T), str(reps)])
             results["layer"].append({"kind": kind, "T": T, **r})
             print(f"  {kind:15s} T={T:6d} {r}", flush=True)
-        results["chunk_op"].append({"T": T, **_run_case(["op", str(T), str(args.reps)])})
-    results["gates"] = {b: _run_case(["gates", b, str(max(args.reps, 5))]) for b in ("reference", "compile")}
+        if tdgd_extras:
+            results["chunk_op"].append({"T": T, **_run_case(["op", str(T), str(args.reps)])})
+    if tdgd_extras:
+        results["gates"] = {b: _run_case(["gates", b, str(max(args.reps, 5))]) for b in ("reference", "compile")}
 
     results["goals"] = [{"goal": n, "measured": g, "target": w} for n, g, w in _goals(results)]
+    results["vs_sasrec"] = _vs_sasrec(results)
     _report(results)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
 
 
 def _ratio(by: dict, slow: str, fast: str, T: int) -> float:
@@ -223,35 +266,70 @@ def _goals(res: dict) -> list[tuple[str, float, float]]:
             ("chunk vs recurrent at T=4096", _ratio(by, "tdgd_recurrent", "tdgd_chunk", 4096), 20.0)]
 
 
+LABELS = {"sdpa": "SDPA fused", "sdpa_masked": "SDPA masked", "tdgd_chunk": "TDGD chunk",
+          "tdgd_recurrent": "TDGD recurrent", "elastic_lda": "ELASTIC LDA", "elastic": "ELASTIC LDA+IMR"}
+
+
+def _vs_sasrec(res: dict) -> list[dict]:
+    """Each layer's fwd+bwd time, peak memory and inference time as a multiple of each SASRec form's
+    (< 1 = cheaper than SASRec)."""
+    by = {(r["kind"], r["T"]): r for r in res["layer"]}
+    rows = []
+    for (kind, T), r in by.items():
+        if kind.startswith("sdpa") or "median_ms" not in r:
+            continue
+        row = {"kind": kind, "T": T}
+        for ref in ("sdpa", "sdpa_masked"):
+            s = by.get((ref, T), {})
+            for key in ("median_ms", "peak_mb", "infer_ms"):
+                ok = r.get(key) is not None and s.get(key) and not r.get("extrapolated")
+                row[f"{key}/{ref}"] = r[key] / s[key] if ok else None
+        rows.append(row)
+    return rows
+
+
 def _report(res: dict) -> None:
     by = {(r["kind"], r["T"]): r for r in res["layer"]}
     Ts = sorted({r["T"] for r in res["layer"]})
-    print(f"\nOne layer fwd+bwd, d={D_MODEL}, H={N_HEADS}, {TOKENS} tokens/batch, "
-          f"{res['config']['threads']} threads; median ms (peak MB above baseline)")
-    print(f"{'T':>6} | {'SDPA':>16} | {'TDGD chunk':>16} | {'TDGD recurrent':>18} | {'SDPA/chunk':>10} | {'rec/chunk':>9}")
+    kinds = [k for k in KINDS if any(r["kind"] == k for r in res["layer"])]
+    print(f"\nOne layer fwd+bwd, d={D_MODEL}, H={N_HEADS}, ~{TOKENS} tokens/batch (B = {TOKENS} // T), "
+          f"{res['config']['threads']} threads; median ms (peak MB above baseline) / no-grad forward ms")
+    print("| T | " + " | ".join(LABELS[k] for k in kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
     for T in Ts:
         cells = []
-        for kind in ("sdpa", "tdgd_chunk", "tdgd_recurrent"):
+        for kind in kinds:
             r = by.get((kind, T), {})
             if "median_ms" not in r:
-                cells.append(r.get("error", "-")[:16])
+                cells.append(r.get("error", "-")[:40])
                 continue
-            mem = "extrap." if r.get("extrapolated") else f"{r['peak_mb']:.0f}MB"
-            cells.append(f"{r['median_ms']:8.1f} ({mem})")
-        sdpa_x = _ratio(by, "sdpa", "tdgd_chunk", T)
-        rec_x = _ratio(by, "tdgd_recurrent", "tdgd_chunk", T)
-        print(f"{T:>6} | {cells[0]:>16} | {cells[1]:>16} | {cells[2]:>18} | "
-              f"{sdpa_x:9.1f}x | {rec_x:8.1f}x")
-    mm = res["matmul"]
-    print(f"\nchunk delta-rule op alone (fwd+bwd), achieved vs torch.matmul "
-          f"(square 2048: {mm.get('square_2048_gflops', float('nan')):.1f} GFLOP/s, "
-          f"batched 64x64x32: {mm.get('batched_64x64x32_gflops', float('nan')):.1f} GFLOP/s)")
+            mem = "extrap." if r.get("extrapolated") else f"{r['peak_mb']:.0f} MB"
+            inf = f" / {r['infer_ms']:.0f}" if r.get("infer_ms") is not None else ""
+            cells.append(f"{r['median_ms']:.0f} ({mem}){inf}")
+        print(f"| {T} | " + " | ".join(cells) + " |")
+
+    rows = [r for r in res["vs_sasrec"] if r["kind"] != "tdgd_recurrent"]
+    if rows:
+        print("\nvs SASRec attention (x of SDPA fused / x of SDPA masked; < 1 = cheaper):")
+        print("| T | layer | fwd+bwd time | peak memory | inference time |")
+        print("|---|---|---|---|---|")
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"
+        for r in sorted(rows, key=lambda r: (r["T"], KINDS.index(r["kind"]))):
+            cells = [f"{fmt(r[f'{key}/sdpa'])} / {fmt(r[f'{key}/sdpa_masked'])}"
+                     for key in ("median_ms", "peak_mb", "infer_ms")]
+            print(f"| {r['T']} | {LABELS[r['kind']]} | " + " | ".join(cells) + " |")
+
+    mm = res.get("matmul", {})
+    if res["chunk_op"]:
+        print(f"\nchunk delta-rule op alone (fwd+bwd), achieved vs torch.matmul "
+              f"(square 2048: {mm.get('square_2048_gflops', float('nan')):.1f} GFLOP/s, "
+              f"batched 64x64x32: {mm.get('batched_64x64x32_gflops', float('nan')):.1f} GFLOP/s)")
     for r in res["chunk_op"]:
         if "gflops" in r:
             print(f"  T={r['T']:6d}  {r['median_ms']:8.1f} ms  {r['gflops']:6.1f} GFLOP/s "
                   f"({100 * r['gflops'] / mm.get('square_2048_gflops', float('nan')):.0f}% of square-matmul peak)")
-    g = res["gates"]
-    if all("median_ms" in x for x in g.values()):
+    g = res.get("gates", {})
+    if g and all("median_ms" in x for x in g.values()):
         print(f"\nfused gates fwd+bwd (16 x 1024 tokens): eager {g['reference']['median_ms']:.2f} ms, "
               f"torch.compile {g['compile']['median_ms']:.2f} ms "
               f"({g['reference']['median_ms'] / g['compile']['median_ms']:.2f}x; first call compiles in "
