@@ -114,6 +114,31 @@ class MLflowSaveConfig(SaveConfigCallback):
             logger.experiment.log_artifact(logger.run_id, str(path))
 
 
+def log_dataset_input(client, run_id: str, experiment_id: str, manifest: Path) -> None:
+    """Make the run's data visible in MLflow's UI: the processed dataset as a run input (name from the
+    manifest, digest = sha256 of manifest.json, which pins every shard's hash; source = the dataset
+    directory), and the experiment tagged as model training (the UI's model-training view instead of
+    its GenAI view) with a description."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from pipeline.contract import sha256_of
+
+    m = json.loads(manifest.read_text())
+    dataset = MetaDataset(resolve_dataset_source(str(manifest.parent.resolve())), name=str(m["name"]),
+                          digest=sha256_of(manifest)[:16])
+    tags = [InputTag("mlflow.data.context", "train"),
+            InputTag("events", str(m.get("counts", {}).get("events", "?"))),
+            InputTag("users", str(m.get("counts", {}).get("users", "?")))]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    client.set_experiment_tag(experiment_id, "mlflow.note.content",
+                              f"SinkRec pipeline runs on the processed dataset `{m['name']}` "
+                              f"({m.get('counts', {}).get('events', '?')} events). One run per training; "
+                              "`make compare` / `make study` runs are children of a parent run.")
+
+
 class MLflowArtifacts(Callback):
     """Rank 0: data manifest, best checkpoint, final metrics JSON, learning-curve and sink plots.
 
@@ -131,6 +156,7 @@ class MLflowArtifacts(Callback):
         if logger is None or self._manifest_logged or not self.manifest or not trainer.is_global_zero:
             return
         logger.experiment.log_artifact(logger.run_id, self.manifest, "data")
+        log_dataset_input(logger.experiment, logger.run_id, logger.experiment_id, Path(self.manifest))
         self._manifest_logged = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

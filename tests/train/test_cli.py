@@ -62,6 +62,11 @@ def test_fit_then_test_logged_to_mlflow(trained, tiny_kind_data):
     assert exp is not None
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    # the UI shows the model-training view and the processed dataset as the run's input
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
+    (data_input,) = run.inputs.dataset_inputs
+    assert data_input.dataset.name == "tiny-kind" and data_input.dataset.source_type == "local"
+    assert len(data_input.dataset.digest) == 16
     params = run.data.params
     assert params["model.config.num_items"] == "40"  # linked from the manifest, not from the YAML
     assert params["model.config.max_len"] == "20"  # linked from data.max_len
