@@ -168,3 +168,18 @@ def test_auto_strategy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     ds, line = choose_strategy("auto", "conf/deepspeed/zero2.json", 8)
     assert isinstance(ds, DeepSpeedStrategy) and "ZeRO stage 2" in line
+
+
+@pytest.mark.trains
+def test_study_analysis_recomputes_the_trainers_test_metrics(trained, tiny_kind_data):
+    """sinkrec.study's per-user pass over the best checkpoint gives the trainer's own test numbers."""
+    from sinkrec.study import analyse, summarise
+
+    final = json.loads((trained / "metrics_test.json").read_text())
+    a = analyse(final["best_checkpoint"], tiny_kind_data, max_len=20)
+    s = summarise(a)
+    assert len(a["rank"]) == 60 and sorted(a["user_idx"].tolist()) == list(range(60))
+    for key in ("ndcg_10", "hr_10", "habit/ndcg_10", "dynamic/ndcg_10"):
+        assert s[key] == pytest.approx(final["metrics"][f"test/{key}"], abs=1e-6), key
+    assert {"excess_occupancy", "write_share", "rho_repeated", "rho_other"} <= set(a)
+    assert ((a["recent_habit_share"] >= 0) & (a["recent_habit_share"] <= 1)).all()

@@ -1,0 +1,56 @@
+"""The study's bookkeeping: the grid, per-run summaries, the sink-curve buckets and the verdict."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sinkrec import study
+
+
+def test_full_grid_is_ratios_x_models_x_seeds_plus_ablations_at_the_top_ratio():
+    runs = study.grid_runs(study.FULL)
+    assert len(runs) == 3 * 3 * 2 + len(study.ABLATIONS) * 2
+    assert len({r.tag for r in runs}) == len(runs)
+    assert {r.ratio for r in runs if "+" in r.model} == {0.7}
+    assert all(r.arch == "sinkrec" for r in runs if "+" in r.model)
+
+
+def _analysis(ranks, kinds, share, occ=None):
+    a = {"rank": np.array(ranks), "kind": np.array(kinds), "recent_habit_share": np.array(share, float)}
+    if occ is not None:
+        a["excess_occupancy"] = np.array(occ, float)
+    return a
+
+
+def test_summary_metrics_by_target_kind():
+    s = study.summarise(_analysis([1, 3, 11, 1], [1, 0, 0, 0], [0, 0, 0, 0], occ=[1, 2, 3, np.nan]))
+    nd3 = 1 / np.log2(4)
+    assert s["ndcg_10"] == pytest.approx((1 + nd3 + 0 + 1) / 4)
+    assert s["habit/ndcg_10"] == 1 and s["dynamic/ndcg_10"] == pytest.approx((nd3 + 1) / 3)
+    assert s["dynamic/hr_10"] == pytest.approx(2 / 3) and s["dynamic/count"] == 3
+    assert s["excess_occupancy"] == pytest.approx(2.0)  # NaN rows (no habits) are left out
+
+
+def test_bucket_curve_uses_dynamic_targets_and_drops_thin_buckets(monkeypatch):
+    monkeypatch.setattr(study, "MIN_BUCKET", 2)
+    a = _analysis(ranks=[1, 1, 11, 11, 1, 1], kinds=[0, 0, 0, 0, 1, 0], share=[0.05, 0.1, 0.5, 0.55, 0.5, 0.9])
+    curve = study.bucket_curve(a, "ndcg_10", dynamic_only=True)
+    assert curve[0] == (1.0, 2)  # [0, .15): two dynamic hits
+    assert curve[3] == (0.0, 2)  # [.45, .6): two dynamic misses (the habit target is not counted)
+    assert np.isnan(curve[5][0]) and curve[5][1] == 1  # [.75, 1]: one target < MIN_BUCKET
+
+
+def _rows(gains):
+    rows = []
+    for seed, (s, g) in enumerate(gains):
+        for model, value, occ in (("sinkrec", s, 2.0), ("gdn", g, 3.0)):
+            rows.append({"ratio": 0.7, "model": model, "seed": seed, "summary": {"dynamic/ndcg_10": value,
+                                                                                "excess_occupancy": occ}})
+    return study.group(rows)
+
+
+def test_verdict_needs_ten_percent_on_every_seed_and_lower_occupancy():
+    grid = study.FULL
+    assert "**met**" in "\n".join(study.verdict(grid, _rows([(0.12, 0.10), (0.115, 0.10)])))
+    assert "**not met**" in "\n".join(study.verdict(grid, _rows([(0.13, 0.10), (0.099, 0.10)])))  # one seed worse
+    assert "**not met**" in "\n".join(study.verdict(grid, _rows([(0.105, 0.10), (0.105, 0.10)])))  # +5%
