@@ -7,6 +7,7 @@ import pytest
 import torch
 from model_testkit import left_pad, make, random_batch, tiny_config
 
+import sinkrec.ops.dispatcher.chunk as chunk_mod
 from sinkrec.layers.elastic import LOGIT_CAP
 from sinkrec.model import Elastic, build_model
 from sinkrec.modules import ProductKeyMemory
@@ -58,6 +59,20 @@ def test_chunk_equals_naive_outputs_and_gradients(T, chunk):
         assert rel_rms(g, rg) < TOL, f"d{name}: {rel_rms(g, rg):.2e}"
     n_pad = int((~mask[0]).cumprod(0).sum())
     assert n_pad > 0 and (y[0, :n_pad] == 0).all()  # positions with no real event in their prefix
+
+
+def test_grouped_recompute_equals_one_group(monkeypatch):
+    """The chunk outputs run (and are recomputed in backward) in groups of chunks; with one chunk per
+    group (8 groups here, the last one partial) outputs and gradients equal the one-group run."""
+    (q, a, v), mask = lda_inputs(T=120)  # 8 chunks of 16 for each of B * H = 6 sequence-heads
+    dy = torch.randn(3, 120, 2, 8)
+    runs = []
+    for group_chunk_heads in (10_000, 6):  # all 8 chunks in one group | one chunk per group
+        monkeypatch.setattr(chunk_mod, "GROUP_CHUNK_HEADS", group_chunk_heads)
+        y, _ = chunk_mod.chunk_dispatcher_attention(q, a, v, mask, scale=8 ** -0.5, chunk_size=16)
+        runs.append((y, *torch.autograd.grad(y, (q, a, v), dy)))
+    for one, grouped in zip(*runs, strict=True):
+        torch.testing.assert_close(grouped, one, atol=1e-6, rtol=1e-5)
 
 
 def test_chunk_exact_over_the_capped_logit_range_and_why_the_cap_exists():
