@@ -8,15 +8,19 @@ Global steps (counts, k-core, vocab) are streaming aggregations whose results ar
 After every step the events/users/items counts are logged and kept for the manifest.
 
 The output is built in a hidden sibling directory and renamed into place at the end: an interrupted
-run leaves no partial output, and an existing output is replaced only as a whole.
+run leaves no partial output, and an existing output is replaced only as a whole. A run holds an
+exclusive lock on `.<out>.lock` beside the output from start to end; a second run on the same output
+refuses at once (the lock is the kernel's: a killed run leaves the file, never the lock).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +49,37 @@ def log_stdout(message: str) -> None:
 def run(cfg: PipelineConfig, log: Log = log_stdout) -> Path:
     """Build cfg.out unless it is already up to date; returns the output directory."""
     out = Path(cfg.out)
+    with _exclusive(out):
+        return _run(cfg, out, log)
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold `.<out>.lock` (flock) for the whole run, removed at the end; PipelineError if another run has it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the holder removes the file before releasing it: a lock taken on a removed file is no lock
+            if not lock.exists() or os.stat(lock).st_ino != os.fstat(f.fileno()).st_ino:
+                raise BlockingIOError
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise PipelineError(f"output {out} is being written by another pipeline run (pid {holder}, "
+                                f"lock {lock}); wait for it to finish, or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _run(cfg: PipelineConfig, out: Path, log: Log) -> Path:
     files = resolve_inputs(cfg.input)
     sources = manifest.describe_sources(files)
     if out.exists():
