@@ -294,8 +294,10 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}},
             args=args,
         )
-    finally:
-        destroy_process_group()
+    except BaseException:
+        destroy_process_group(barrier=False)  # a peer may be gone: a barrier would hide this error
+        raise
+    destroy_process_group()
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -312,11 +314,18 @@ def run(argv: list[str] | None = None) -> int:
         print(f"preempted: {e or 'SIGTERM'}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except (UserError, ShardError) as e:
-        if debug:
-            raise
-        message = str(e)
-        notes = " ".join(getattr(e, "__notes__", []))
-        print(f"error: {message}{' ' + notes if notes else ''}\n(--debug or SINKREC_DEBUG=1 shows the traceback)",
-              file=sys.stderr, flush=True)
-        return 2
+        return _report(e, debug, 2)
+    except RuntimeError as e:
+        if any(RankWatch.NOTE in n for n in getattr(e, "__notes__", [])):  # a peer died or hung
+            return _report(e, debug, 1)
+        raise
     return 0
+
+
+def _report(e: BaseException, debug: bool, code: int) -> int:
+    if debug:
+        raise e
+    notes = " ".join(getattr(e, "__notes__", []))
+    print(f"error: {e}{' ' + notes if notes else ''}\n(--debug or SINKREC_DEBUG=1 shows the traceback)",
+          file=sys.stderr, flush=True)
+    return code

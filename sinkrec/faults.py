@@ -106,6 +106,7 @@ class RankWatch(Callback):
     """Names the rank that died or hangs when a collective fails (see the module docstring)."""
 
     KEY = "sinkrec/step/{}"
+    NOTE = "a collective failed or timed out"
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -130,7 +131,7 @@ class RankWatch(Callback):
             steps = {r: int(store.get(self.KEY.format(r))) if store.check([self.KEY.format(r)]) else -1
                      for r in range(trainer.world_size)}
         except Exception:  # noqa: BLE001 (the store may be gone with the rank that hosted it)
-            exception.add_note(f"rank {trainer.global_rank}: a collective failed (dist_timeout_s="
+            exception.add_note(f"rank {trainer.global_rank}: {self.NOTE} (dist_timeout_s="
                                f"{self.timeout_s:g}); the ranks' progress could not be read")
             return
         ahead = max(steps.values())
@@ -138,7 +139,7 @@ class RankWatch(Callback):
         who = (f"rank(s) {', '.join(map(str, behind))} stopped (last step "
                f"{', '.join(str(steps[r]) for r in behind)}; the others reached step {ahead})"
                if behind else f"all ranks reached step {ahead}; a peer died or hung inside that step")
-        exception.add_note(f"rank {trainer.global_rank}: a collective failed or timed out (dist_timeout_s="
+        exception.add_note(f"rank {trainer.global_rank}: {self.NOTE} (dist_timeout_s="
                            f"{self.timeout_s:g}): {who}. Look at that rank's log (killed, out of memory, hung "
                            "node); resume with --ckpt_path last")
 
