@@ -11,8 +11,8 @@ end of the chunk, and (R, Rd) the carried numerator / denominator rescaled to M,
     y = W R + ((W E^T) o L) V                                             [C, V]
 
 and the state handed to the next chunk is R + E^T V, Rd + sum_s E_s, M. Everything but (R, Rd) is
-independent across chunks and runs batched over all of them; the hand-off is a Python loop of
-two elementwise ops per chunk.
+independent across chunks and runs batched over many chunks at once (E and E^T V over all of them,
+the outputs in groups, below); the hand-off is a Python loop of two elementwise ops per chunk.
 
 Exactness: the result does not depend on M (it cancels between num and den), so M is a detached
 constant. Using the chunk-end max instead of each position's own running max is exact as long as
