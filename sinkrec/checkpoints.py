@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
 from pathlib import Path
@@ -37,21 +38,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialised first, so a failing write is a plain OSError
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
-        except OSError as e:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
-            if e.errno in FULL_DISK:
+            if isinstance(e, OSError) and e.errno in FULL_DISK:
                 kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-                raise CheckpointWriteError(
-                    e.errno, f"{path}: the disk is full ({os.strerror(e.errno)}) while writing the checkpoint; "
-                    f"{kept}. Free space in {path.parent} or point checkpoint.dirpath at a larger disk, then "
-                    "resume with --ckpt_path last") from e
+                error = CheckpointWriteError(
+                    f"{path}: the disk is full ({os.strerror(e.errno)}) while writing the checkpoint; {kept}. "
+                    f"Free space in {path.parent} or point checkpoint.dirpath at a larger disk, then resume with "
+                    "--ckpt_path last")
+                error.errno = e.errno
+                raise error from e
             raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:

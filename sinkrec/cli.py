@@ -231,33 +231,26 @@ def _plain(v: Any) -> Any:
 
 def check_values(cfg: Any, source: Any) -> None:
     """ConfigError for values that cannot work; `source(key)` says where a key was set."""
-    def bad(key: str, value: Any, fix: str) -> ConfigError:
-        return ConfigError(f"{key}={value!r} (set in {source(key)}) cannot work: {fix}")
-
-    model = cfg.model.config
-    for name in SIZES:
-        if isinstance(model.get(name), int) and model.get(name) < 1:
-            raise bad(f"model.config.{name}", model.get(name), "it must be a positive integer")
-    if model.get("d_model") % model.get("n_heads"):
-        d, h = model.get("d_model"), model.get("n_heads")
-        raise bad("model.config.d_model", d, f"it must be divisible by model.config.n_heads={h} "
-                  f"(e.g. d_model={-(-d // h) * h}, or n_heads {', '.join(str(k) for k in range(1, d + 1) if d % k == 0)[:40]})")
-    if not 0 <= model.get("dropout") < 1:
-        raise bad("model.config.dropout", model.get("dropout"), "it must be in [0, 1)")
-    for name in ("max_len", "batch_size", "eval_batch_size"):
-        if cfg.data.get(name) is not None and cfg.data.get(name) < 1:
-            raise bad(f"data.{name}", cfg.data.get(name), "it must be a positive integer")
-    if cfg.data.get("num_workers", 0) < 0:
-        raise bad("data.num_workers", cfg.data.get("num_workers"), "it must be >= 0 (0 = load in the main process)")
-    o = cfg.optimizer
-    if o.lr <= 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
-        key, value = next((k, v) for k, v, ok in (("lr", o.lr, o.lr > 0), ("warmup_steps", o.warmup_steps,
-                          o.warmup_steps >= 0), ("min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1)) if not ok)
-        raise bad(f"optimizer.{key}", value, "lr must be > 0, warmup_steps >= 0, min_lr_ratio in [0, 1]")
-    if cfg.get("dist_timeout_s") is not None and cfg.dist_timeout_s <= 0:
-        raise bad("dist_timeout_s", cfg.dist_timeout_s, "it must be a positive number of seconds")
+    m, d, o = cfg.model.config, cfg.data, cfg.optimizer
+    positive = (lambda v: v >= 1, "a positive integer")
+    rules = [(f"model.config.{n}", m.get(n), *positive) for n in SIZES if isinstance(m.get(n), int)]
+    rules += [(f"data.{n}", d.get(n), *positive) for n in ("max_len", "batch_size", "eval_batch_size")]
+    rules += [("model.config.dropout", m.get("dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
+              ("data.num_workers", d.get("num_workers"), lambda v: v >= 0, ">= 0 (0 = load in the main process)"),
+              ("optimizer.lr", o.lr, lambda v: v > 0, "> 0"),
+              ("optimizer.warmup_steps", o.warmup_steps, lambda v: v >= 0, ">= 0"),
+              ("optimizer.min_lr_ratio", o.min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1]"),
+              ("dist_timeout_s", cfg.get("dist_timeout_s"), lambda v: v > 0, "a positive number of seconds")]
+    for key, value, ok, want in rules:
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value!r} (set in {source(key)}) cannot work: it must be {want}")
+    width, heads = m.get("d_model"), m.get("n_heads")
+    if width % heads:
+        raise ConfigError(f"model.config.d_model={width} (set in {source('model.config.d_model')}) cannot work: "
+                          f"it must be divisible by model.config.n_heads={heads}, e.g. d_model="
+                          f"{-(-width // heads) * heads} or n_heads={max(k for k in range(1, heads) if width % k == 0)}")
     try:  # the model's own rules (arch, loss, backends, ...); num_items comes from the data later
-        SinkRecConfig(**{**{f.name: model.get(f.name) for f in fields(SinkRecConfig) if f.name in model},
+        SinkRecConfig(**{**{f.name: m.get(f.name) for f in fields(SinkRecConfig) if f.name in m},
                          "num_items": 1}).validate()
     except ValueError as e:
         raise ConfigError(f"{e} (model.config, set in {source('model.config')})") from None

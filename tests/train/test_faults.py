@@ -49,10 +49,11 @@ def ckpt_run(tiny_data, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- config values that cannot work
 @pytest.mark.parametrize("override, needles", [
     (["--model.config.d_model", "30", "--model.config.n_heads", "4"],
-     ["model.config.d_model=30", "divisible by model.config.n_heads=4", "the command line", "d_model=32"]),
+     ["model.config.d_model=30", "divisible by model.config.n_heads=4", "the command line",
+      "d_model=32 or n_heads=3"]),
     (["--model.config.n_blocks", "0"], ["model.config.n_blocks=0", "positive integer"]),
     (["--data.batch_size", "-3"], ["data.batch_size=-3", "positive integer"]),
-    (["--optimizer.lr", "0"], ["optimizer.lr=0.0", "lr must be > 0"]),
+    (["--optimizer.lr", "0"], ["optimizer.lr=0.0", "it must be > 0"]),
     (["--model.config.arch", "transformer"], ["arch='transformer'", "must be one of", "the command line"]),
     (["--model.config.n_headz", "2"],
      ["unrecognized arguments: --model.config.n_headz", "Did you mean --model.config.n_heads?"]),
@@ -141,11 +142,23 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypa
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, path)
 
-    def full_disk(obj, f, *a, **k):
-        f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_open = open
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    class FullDisk:  # a file whose write stops half-way with ENOSPC, as on a full disk
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def write(self, data):
+            self.f.write(bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr("builtins.open", FullDisk)
     with pytest.raises(CheckpointWriteError, match=rf"{path}: the disk is full .*previous last.ckpt is intact"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, path)
     monkeypatch.undo()
@@ -159,11 +172,10 @@ from sinkrec.checkpoints import AtomicCheckpointIO
 path = sys.argv[1]
 io = AtomicCheckpointIO()
 io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "epoch": 0}, path)
-def killed_mid_write(obj, f, *a, **k):
-    f.write(b"PK" + b"x" * 1000)
-    f.flush()
+real_fsync = os.fsync
+def killed_mid_save(fd):  # the new bytes are in the file, not yet renamed: kill -9 now
     os.kill(os.getpid(), signal.SIGKILL)
-torch.save = killed_mid_write
+os.fsync = killed_mid_save
 io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "epoch": 1}, path)
 """
 
