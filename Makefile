@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data compare study mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data compare study mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -48,7 +48,12 @@ preprocess: data
 	$(PYTHON) -m pipeline --config $(PIPELINE_CONFIG) $(ARGS)
 
 test: setup
-	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not slow and not chaos" $(PYTEST_ARGS)
+
+# every fault against the real CLI on ML-100K (tests/chaos), then a table: case, expected, observed, pass
+test-chaos: setup
+	$(MAKE) --no-print-directory preprocess DATASET=ml-100k ARGS=
+	$(PYTHON) -m pytest -m chaos $(PYTEST_ARGS) tests/chaos
 
 test-slow: setup
 	$(PYTHON) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: no test is marked slow right now

@@ -48,9 +48,9 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def cli(args: list[str], **kw) -> subprocess.CompletedProcess:
-    """`python -m sinkrec <args>` to completion (stdout and stderr together in .stdout)."""
-    return subprocess.run([sys.executable, "-m", "sinkrec", *args], cwd=ROOT, env=env(), text=True,
+def cli(args: list[str], module: str = "sinkrec", **kw) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` to completion (stdout and stderr together in .stdout)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=HANG_GUARD_S, check=False, **kw)
 
 
