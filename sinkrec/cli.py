@@ -266,13 +266,12 @@ def parse_error_message(e: Exception, parser: LightningArgumentParser, argv: lis
     subparser = action._name_parser_map.get(sub) if action is not None and sub else parser
     keys = [o.lstrip("-") for a in subparser._actions for o in a.option_strings if o.startswith("--")]
     unknown = re.findall(r"--([\w.]+)", text.split("unrecognized arguments:", 1)[-1]) \
-        if "unrecognized arguments" in text else re.findall(r"[Kk]ey ['\"]([\w.]+)['\"]", text)
+        if "unrecognized arguments" in text else re.findall(r"(?:[Kk]ey|option) ['\"]([\w.]+)['\"]", text)
     hints = [f"Did you mean --{near}?" for k in unknown if (near := nearest(k, keys))]
     configs = [a for i, a in enumerate(argv) if i and argv[i - 1] in ("--config", "-c")]
     where_ = " (on the command line)" if "unrecognized arguments" in text else \
         f" (in {', '.join(configs)})" if configs else ""
-    return (f"{text}{where_}. " + " ".join(hints) +
-            f" `python -m sinkrec {sub or 'fit'} --help` lists every key.").replace(". .", ".")
+    return " ".join([f"{text}{where_}.", *hints, f"`python -m sinkrec {sub or 'fit'} --help` lists every key."])
 
 
 def main(args: list[str] | None = None) -> None:

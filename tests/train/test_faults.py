@@ -69,6 +69,12 @@ def test_bad_value_in_the_config_file_names_the_file(tiny_data, tmp_path, capsys
     clean_error(capsys, ["fit", "--config", str(cfg), *FAST], "model.config.d_model=18", str(cfg))
 
 
+def test_unknown_key_in_the_config_file_suggests_the_nearest(tiny_data, tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path, n_headz=2)
+    clean_error(capsys, ["fit", "--config", str(cfg), *FAST], "'model.config.n_headz'", str(cfg),
+                "Did you mean --model.config.n_heads?")
+
+
 def test_debug_shows_the_traceback(tiny_data, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path)
     with pytest.raises(UserError, match="divisible"):
