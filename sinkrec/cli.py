@@ -49,6 +49,7 @@ from sinkrec.faults import (
     Preempted,
     Preemption,
     RankWatch,
+    RngState,
     check_tracking_store,
 )
 from sinkrec.lit_module import OptimConfig, SeqRecModule
@@ -201,7 +202,7 @@ class SinkRecCLI(LightningCLI):
                                          save_last=True, filename="latest-epoch{epoch:03d}",
                                          auto_insert_metric_name=False, enable_version_counter=False))
         ckpt_dir = self._cfg("checkpoint").dirpath or "checkpoints"
-        callbacks += [Preemption(ckpt_dir), RankWatch(self._cfg("dist_timeout_s")), EventThroughput(),
+        callbacks += [Preemption(ckpt_dir), RankWatch(self._cfg("dist_timeout_s")), RngState(), EventThroughput(),
                       PredictionWriter(),
                       MLflowArtifacts(str(self.datamodule.root / "manifest.json"),
                                       log_checkpoint=self._cfg("mlflow").log_checkpoint)]

@@ -102,6 +102,23 @@ class Preemption(Callback):
                     logger.killed = True
 
 
+class RngState(Callback):
+    """Keeps torch's random state (CPU and CUDA) in every checkpoint and restores it on resume, so a
+    resumed run draws the same dropout masks and RVQ samples as one that was never interrupted
+    (Lightning checkpoints no RNG state). Tensors only: the checkpoint still loads weights-only."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class RankWatch(Callback):
     """Names the rank that died or hangs when a collective fails (see the module docstring)."""
 

@@ -233,3 +233,22 @@ def test_collective_timeout_is_set_and_configurable():
     assert ddp._timeout == datetime.timedelta(seconds=42) and "timeout 42 s" in line
     ddp, _ = choose_strategy("ddp", "x", 2, datetime.timedelta(seconds=7))
     assert ddp._timeout == datetime.timedelta(seconds=7)
+
+
+@pytest.mark.trains
+def test_resume_with_dropout_and_memory_continues_exactly(tiny_data, tmp_path):
+    """The random stream (dropout, RVQ) is part of the checkpoint: resuming from an epoch-end last.ckpt
+    (what a kill -9 leaves) ends bit-identical to the uninterrupted run, dropout and memory on."""
+    model = {"arch": "sinkrec", "dropout": 0.3}
+    straight = write_config(tmp_path / "a.yaml", tiny_data, tmp_path / "a", **model)
+    main(["fit", "--config", str(straight), *FAST])
+    stop = {"callbacks": [{"class_path": "tests.train.test_cli.StopAfterEpoch", "init_args": {"epoch": 0}}]}
+    cut = write_config(tmp_path / "b.yaml", tiny_data, tmp_path / "b", trainer=stop, **model)
+    main(["fit", "--config", str(cut), *FAST])
+    cut = write_config(tmp_path / "b.yaml", tiny_data, tmp_path / "b", **model)
+    main(["fit", "--config", str(cut), *FAST, "--ckpt_path", "last"])
+    a = torch.load(tmp_path / "a" / "ckpt" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
