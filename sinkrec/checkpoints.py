@@ -95,7 +95,8 @@ def _reason(e: Exception) -> str:
     if "WeightsUnpickler error:" in text:
         rest = [line for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
         return "refused by the weights-only unpickler: " + (rest[0].strip() if rest else "unsupported content")
-    return (text.strip().splitlines() or [type(e).__name__])[0]
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    return first.split(". ")[0].rstrip(".")  # the cause; torch's next sentences advise an unsafe load
 
 
 def _diff(made: dict[str, Any], now: dict[str, Any], prefix: str, skip: tuple[str, ...] = ()) -> list[str]:

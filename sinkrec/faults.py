@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sinkrec.errors import UserError
 
@@ -96,7 +97,7 @@ class Preemption(Callback):
                         f"checkpoint {self.path}; resume with --ckpt_path last")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, Preempted):
+        if isinstance(exception, (Preempted, SIGTERMException)):  # (Lightning's: SIGTERM before training began)
             for logger in trainer.loggers:
                 if isinstance(logger, KillableMLFlowLogger):
                     logger.killed = True

@@ -104,10 +104,12 @@ def test_file_that_is_not_a_checkpoint_is_refused_and_never_executed(ckpt_run, c
                       str(evil), "not a readable checkpoint", "weights_only=True")
     assert not marker.exists()
     assert "weights_only=False" not in msg  # torch's advice to load it unsafely is not repeated
-    garbage = tmp_path / "garbage.ckpt"
-    garbage.write_bytes(b"\x00not a checkpoint at all" * 10)
-    clean_error(capsys, ["test", "--config", str(cfg), "--ckpt_path", str(garbage), "--mlflow.enabled", "false"],
-                str(garbage), "not a readable checkpoint")
+    for junk in (b"\x00not a checkpoint at all" * 10, b"\x00" * 4096):
+        garbage = tmp_path / "garbage.ckpt"
+        garbage.write_bytes(junk)
+        msg = clean_error(capsys, ["test", "--config", str(cfg), "--ckpt_path", str(garbage), "--mlflow.enabled",
+                                   "false"], str(garbage), "not a readable checkpoint")
+        assert "weights_only=False" not in msg
     plain = tmp_path / "tensor.ckpt"
     torch.save({"weights": torch.zeros(2)}, plain)
     clean_error(capsys, ["test", "--config", str(cfg), "--ckpt_path", str(plain), "--mlflow.enabled", "false"],
@@ -252,3 +254,20 @@ def test_resume_with_dropout_and_memory_continues_exactly(tiny_data, tmp_path):
     assert a["global_step"] == b["global_step"]
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_sigterm_stops_at_a_step_writes_last_and_marks_the_run_killed(tiny_data, tmp_path, capsys):
+    """In-process twin of the chaos case: SIGTERM at step 2 -> exit 143, last.ckpt of that step, KILLED."""
+    import mlflow
+
+    sigterm = {"callbacks": [{"class_path": "tests.train.faults_testkit.RankFault",
+                              "init_args": {"rank": 0, "step": 2, "signal_name": "SIGTERM"}}]}
+    cfg = write_config(tmp_path / "c.yaml", tiny_data, tmp_path, trainer={**sigterm, "max_epochs": 3})
+    before = signal.getsignal(signal.SIGTERM)
+    assert run(["fit", "--config", str(cfg)]) == 143
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler lives only while training
+    assert "preempted: SIGTERM: stopped at step 3" in capsys.readouterr().err
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert r.info.status == "KILLED"
