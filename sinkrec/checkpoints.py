@@ -100,8 +100,11 @@ def _reason(e: Exception) -> str:
 
 
 def _diff(made: dict[str, Any], now: dict[str, Any], prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
     return [f"{prefix}.{k}: checkpoint {made[k]!r}, this run {now.get(k)!r}"
-            for k in made if k not in skip and k in now and made[k] != now[k]]
+            for k in made if k not in skip and k in now and plain(made[k]) != plain(now[k])]
 
 
 def check_against(ckpt: dict[str, Any], path: Any, module: torch.nn.Module, resuming: bool) -> list[str]:
@@ -128,7 +131,9 @@ def check_against(ckpt: dict[str, Any], path: Any, module: torch.nn.Module, resu
         raise UserError(
             f"{path} does not match this run, so it cannot {what} it. "
             + (f"Mismatching keys: {'; '.join(shown)}. " if problems else "")
-            + (f"Conflicting settings: {'; '.join(conflicts)}. " if conflicts else "")
+            + (f"Conflicting settings: {'; '.join(conflicts)}"
+               + (" (model.config.max_len is data.max_len)" if any(".max_len:" in c for c in conflicts) else "")
+               + ". " if conflicts else "")
             + f"The checkpoint was made with model.config: {config or '(not recorded)'}. "
             "Use the config that made it (drop the overrides), or start a new run without --ckpt_path.")
     return [f"{path}: {d} (runtime choice, this run's value is used)"

@@ -39,7 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from sinkrec.callbacks import EventThroughput, MLflowArtifacts, MLflowSaveConfig, PredictionWriter
-from sinkrec.checkpoints import RUNTIME_KEYS, AtomicCheckpointIO, check_against, read_checkpoint
+from sinkrec.checkpoints import AtomicCheckpointIO, check_against, read_checkpoint
 from sinkrec.data import SeqRecDataModule, ShardError
 from sinkrec.distributed import choose_strategy, destroy_process_group, env_world_size
 from sinkrec.errors import ConfigError, UserError, debug_enabled, nearest, where
@@ -123,37 +123,15 @@ class SinkRecCLI(LightningCLI):
         check_values(self.config[sub], lambda key: where(key, argv, configs))
 
     def _parse_ckpt_path(self) -> None:
-        """Refuse a checkpoint whose model (or, resuming fit, optimizer) config differs from this run's.
-
-        LightningCLI would instead overwrite this run's model config with the checkpoint's, silently."""
-        sub = self.config.get("subcommand")
+        """Read --ckpt_path (weights-only) but keep this run's config: LightningCLI would overwrite the
+        model config with the checkpoint's, silently; `check_against` refuses any difference instead."""
         path = self._sub("ckpt_path")
         if path == "last":
             path = str(Path(self._sub("checkpoint").dirpath or "checkpoints") / "last.ckpt")
             if not Path(path).is_file():
-                return  # Lightning warns and starts from scratch: the first run of a requeued job
-        self._ckpt = None
-        if not path or path in ("best", "hpc", "registry") or Path(path).is_dir():  # (DeepSpeed: a folder)
-            return
-        ckpt = read_checkpoint(path)
-        made = ckpt.get("hyper_parameters") or {}
-        now = self.config[sub]
-        conflicts = [f"model.config.{k}: checkpoint {v!r}, this run {now.model.config.get(k)!r}"
-                     for k, v in made.get("config", {}).items()
-                     if k not in RUNTIME_KEYS and now.model.config.get(k) is not None
-                     and now.model.config.get(k) != v]
-        if sub == "fit":
-            conflicts += [f"optimizer.{k}: checkpoint {v!r}, this run {now.optimizer.get(k)!r}"
-                          for k, v in made.get("optim", {}).items()
-                          if now.optimizer.get(k) is not None and _plain(now.optimizer.get(k)) != _plain(v)]
-        if conflicts:
-            linked = " (model.config.max_len is data.max_len)" if any("max_len" in c for c in conflicts) else ""
-            config = ", ".join(f"{k}={v!r}" for k, v in made.get("config", {}).items() if k != "num_items")
-            raise UserError(f"--ckpt_path {path} was made with other settings than this run: "
-                            f"{'; '.join(conflicts)}{linked}. The checkpoint's model.config: {config}. "
-                            "Use the config that made it (drop the overrides), or start a new run without "
-                            "--ckpt_path.")
-        self._ckpt = (path, ckpt)
+                return  # Lightning warns and starts from scratch: the first start of a requeued job
+        if path and path not in ("best", "hpc", "registry") and not Path(path).is_dir():  # (DeepSpeed: a folder)
+            self._ckpt = (path, read_checkpoint(path))
 
     def _check_ckpt_fits(self) -> None:
         if getattr(self, "_ckpt", None):
@@ -224,10 +202,6 @@ class SinkRecCLI(LightningCLI):
 
 SIZES = ("d_model", "n_heads", "n_blocks", "n_loops", "max_len", "n_levels", "n_codes", "conv_size",
          "num_negatives")
-
-
-def _plain(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
 
 
 def check_values(cfg: Any, source: Any) -> None:
