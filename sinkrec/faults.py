@@ -106,7 +106,14 @@ class Preemption(Callback):
 class RngState(Callback):
     """Keeps torch's random state (CPU and CUDA) in every checkpoint and restores it on resume, so a
     resumed run draws the same dropout masks and RVQ samples as one that was never interrupted
-    (Lightning checkpoints no RNG state). Tensors only: the checkpoint still loads weights-only."""
+    (Lightning checkpoints no RNG state). Tensors only: the checkpoint still loads weights-only.
+
+    Restored when the checkpoint is loaded, and, for a mid-epoch checkpoint (a preemption), once more
+    at the first resumed batch: creating the training loader's iterator draws a seed from the global
+    generator, which the interrupted run did at the start of the epoch, before the checkpoint."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         state = {"cpu": torch.get_rng_state()}
@@ -115,9 +122,21 @@ class RngState(Callback):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state
+        self._apply(state)
+
+    @staticmethod
+    def _apply(state: dict[str, Any]) -> None:
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending is not None:
+            if batch_idx > 0:  # resumed inside an epoch
+                self._apply(self._pending)
+            self._pending = None
 
 
 class RankWatch(Callback):

@@ -271,3 +271,24 @@ def test_sigterm_stops_at_a_step_writes_last_and_marks_the_run_killed(tiny_data,
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert r.info.status == "KILLED"
+
+
+@pytest.mark.trains
+def test_resume_after_a_mid_epoch_sigterm_is_bit_identical(tiny_data, tmp_path):
+    """SIGTERM inside epoch 0, then --ckpt_path last: the same weights as a run never interrupted
+    (the random state is in the checkpoint, the training loader resumes at the next batch)."""
+    model = {"arch": "sinkrec", "dropout": 0.3}
+    straight = write_config(tmp_path / "a.yaml", tiny_data, tmp_path / "a", **model)
+    main(["fit", "--config", str(straight), *FAST])
+    sigterm = {"callbacks": [{"class_path": "tests.train.faults_testkit.RankFault",
+                              "init_args": {"rank": 0, "step": 1, "signal_name": "SIGTERM"}}]}
+    cut = write_config(tmp_path / "b.yaml", tiny_data, tmp_path / "b", trainer=sigterm, **model)
+    assert run(["fit", "--config", str(cut), *FAST]) == 143
+    assert torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2  # mid-epoch
+    cut = write_config(tmp_path / "b.yaml", tiny_data, tmp_path / "b", **model)
+    assert run(["fit", "--config", str(cut), *FAST, "--ckpt_path", "last"]) == 0
+    a = torch.load(tmp_path / "a" / "ckpt" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
