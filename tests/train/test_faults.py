@@ -292,3 +292,44 @@ def test_resume_after_a_mid_epoch_sigterm_is_bit_identical(tiny_data, tmp_path):
     assert a["global_step"] == b["global_step"]
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+# ---------------------------------------------------------------- bad data, through the CLI
+def _corrupt(root: Path) -> None:
+    shard = root / "shards" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def _truncate(root: Path) -> None:
+    shard = root / "shards" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+def _edit_manifest(fn):
+    def edit(root: Path) -> None:
+        import json
+
+        m = json.loads((root / "manifest.json").read_text())
+        fn(m)
+        (root / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+@pytest.mark.parametrize("damage, verify, needles", [
+    (_corrupt, "own", ["part-00001.parquet", "sha256", "Re-run the pipeline"]),
+    (_truncate, "off", ["part-00000.parquet", "truncated or corrupt"]),
+    (_edit_manifest(lambda m: m["shards"][0].update(rows=999)), "off", ["part-00000.parquet", "manifest.json says 999"]),
+    (_edit_manifest(lambda m: m.update(num_items=5)), "off", ["row group 0", "is outside 1..5"]),
+    (_edit_manifest(lambda m: m["shards"][1].update(path="../../etc/hostname")), "off",
+     ["points outside the dataset directory"]),
+    (lambda root: (root / "manifest.json").unlink(), "own", ["no manifest", "make preprocess"]),
+])
+def test_bad_data_is_one_paragraph_naming_the_file(tmp_path, capsys, damage, verify, needles):
+    from tests.train.conftest import make_processed
+
+    root = make_processed(tmp_path / "d")
+    damage(root)
+    cfg = write_config(tmp_path / "c.yaml", root, tmp_path, trainer={"max_epochs": 1})
+    clean_error(capsys, ["fit", "--config", str(cfg), "--data.verify", verify, *FAST], *needles)
