@@ -100,14 +100,19 @@ def write_share(beta: torch.Tensor, rep: torch.Tensor, mask: torch.Tensor) -> to
 def per_user(states: list[dict], items: torch.Tensor, rep: torch.Tensor,
              rank: int = OCCUPANCY_RANK) -> dict[str, torch.Tensor]:
     """Each measure per sequence [B], averaged over the (loop, block) passes and heads; `rep` [B, T]
-    marks the repeated positions. Also rho (memory coverage) on repeated vs other real events."""
+    marks the repeated positions. Also the excess occupancy of the other events' items (the control),
+    and rho (memory coverage) on repeated vs other real events."""
     mask = items != 0
     other = mask & ~rep
     per: dict[str, list[torch.Tensor]] = {n: [] for n in
-                                          ("excess_occupancy", "effective_rank", "readout_bias", "write_share",
-                                           "rho_repeated", "rho_other")}
+                                          ("excess_occupancy", "excess_occupancy_other", "effective_rank",
+                                           "readout_bias", "write_share", "rho_repeated", "rho_other")}
     for rec in states:
         per["excess_occupancy"].append(excess_occupancy(rec["S"], rec["k"], rep, items, rank).mean(1))
+        # the control: the same measure with the OTHER events' items as the set. Items the state has
+        # just written are over-represented in any low-rank state, repeated or not; the sink is the
+        # repeated items' excess beyond this control
+        per["excess_occupancy_other"].append(excess_occupancy(rec["S"], rec["k"], other, items, rank).mean(1))
         per["effective_rank"].append(effective_rank(rec["S"]).mean(1))
         per["readout_bias"].append(readout_bias(rec["o"], rec["v"], rep, mask).mean(1))
         per["write_share"].append(write_share(rec["beta"], rep, mask).mean(1))

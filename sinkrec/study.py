@@ -43,6 +43,7 @@ import numpy as np
 
 CONFIG = Path("conf/train/sinkbench_study.yaml")
 EXPERIMENT = "sinkbench-study"  # the MLflow experiment of every study run (datasets differ per ratio)
+ANALYSIS_KEYS = {"excess_occupancy", "excess_occupancy_other"}  # a stored summary without these is re-analysed
 WINDOW = 64  # "recent window" of the sink curve: the last WINDOW events a user read before the target
 BUCKETS = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 1.0001)  # habit share of the recent window
 MIN_BUCKET = 30  # a bucket needs this many dynamic targets to be plotted
@@ -171,7 +172,8 @@ def summarise(a: dict[str, np.ndarray]) -> dict[str, float]:
     for name, code in (("habit", 1), ("dynamic", 0)):
         m = a["kind"] == code
         s[f"{name}/ndcg_10"], s[f"{name}/hr_10"], s[f"{name}/count"] = nd[m].mean(), hit[m].mean(), float(m.sum())
-    for k in ("excess_occupancy", "effective_rank", "write_share", "readout_bias", "rho_repeated", "rho_other"):
+    for k in ("excess_occupancy", "excess_occupancy_other", "effective_rank", "write_share", "readout_bias",
+              "rho_repeated", "rho_other"):
         if k in a:
             s[k] = float(np.nanmean(a[k]))
     return {k: float(v) for k, v in s.items()}
@@ -198,11 +200,14 @@ def train_and_analyse(g: Grid, run: Run, parent: str, uri: str, work: Path, resu
     out = work / run.tag
     summary_file = out / "summary.json"
     if resume and summary_file.exists():
-        print(f"[study] {run.tag}: reusing {summary_file}", flush=True)
         row = json.loads(summary_file.read_text())
         if row.get("run_id"):  # nest it under this study's parent run
             MlflowClient(uri).set_tag(row["run_id"], "mlflow.parentRunId", parent)
-        return row
+        if not row.get("summary") or ANALYSIS_KEYS <= set(row["summary"]) or run.arch == "sasrec":
+            print(f"[study] {run.tag}: reusing {summary_file}", flush=True)
+            return row
+        print(f"[study] {run.tag}: re-analysing (the stored analysis predates a measure)", flush=True)
+        return analyse_and_log(g, run, row, out, uri)
     root = dataset_root(g, run.ratio)
     extra = ["--data.root", str(root), "--model.config.arch", run.arch, "--trainer.max_epochs", str(g.epochs),
              "--data.max_len", str(g.max_len), "--model.evaluation.diag_users", "32", *g.extra]
@@ -222,9 +227,17 @@ def train_and_analyse(g: Grid, run: Run, parent: str, uri: str, work: Path, resu
     row.update(dataclasses.asdict(run), model=run.model)
     if row["rc"] != 0 or "metrics" not in row:
         return row
+    return analyse_and_log(g, run, row, out, uri)
+
+
+def analyse_and_log(g: Grid, run: Run, row: dict, out: Path, uri: str) -> dict:
+    """Per-user analysis of a trained run's best checkpoint; summary logged to its MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
     final = json.loads((out / "metrics_test.json").read_text())
     t0 = time.perf_counter()
-    a = analyse(final["best_checkpoint"], root, g.max_len)
+    a = analyse(final["best_checkpoint"], dataset_root(g, run.ratio), g.max_len)
     np.savez_compressed(out / "analysis.npz", **a)
     row["summary"] = summarise(a)
     row["analysis_s"] = time.perf_counter() - t0
@@ -238,7 +251,7 @@ def train_and_analyse(g: Grid, run: Run, parent: str, uri: str, work: Path, resu
         if math.isfinite(v):
             client.log_metric(row["run_id"], f"study/{k}", v)
     client.log_artifact(row["run_id"], str(out / "analysis.npz"), "study")
-    summary_file.write_text(json.dumps(row, indent=2))
+    (out / "summary.json").write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -259,7 +272,8 @@ def fmt(xs: list[float], digits: int = 4) -> str:
 
 TABLE = [("ndcg_10", "NDCG@10"), ("hr_10", "HR@10"), ("habit/ndcg_10", "NDCG@10 habit"),
          ("dynamic/ndcg_10", "NDCG@10 dynamic"), ("dynamic/hr_10", "HR@10 dynamic"),
-         ("excess_occupancy", "excess occ."), ("write_share", "write share"),
+         ("excess_occupancy", "excess occ. habit"), ("excess_occupancy_other", "excess occ. dynamic (control)"),
+         ("write_share", "write share"),
          ("rho_repeated", "ρ habit"), ("rho_other", "ρ dynamic")]
 
 
@@ -315,33 +329,33 @@ def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
     plt.close(fig)
     # 2. the sink curve and 3. occupancy vs habit share: users pooled over ratios, mean +- std over seeds
     centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in itertools.pairwise(BUCKETS)]
-    for value, dyn, name, ylabel, archs in (
-            ("ndcg_10", True, "sink_curve.png", "NDCG@10 on dynamic targets", g.archs),
-            ("excess_occupancy", False, "occupancy_vs_share.png", "excess occupancy (1 = no sink)",
-             tuple(a for a in g.archs if a != "sasrec"))):
+    recurrent = tuple(a for a in g.archs if a != "sasrec")
+    for values, dyn, name, ylabel, archs in (
+            (("ndcg_10",), True, "sink_curve.png", "NDCG@10 on dynamic targets", g.archs),
+            (("excess_occupancy", "excess_occupancy_other"), False, "occupancy_vs_share.png",
+             "excess occupancy (1 = fair share)", recurrent)):
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for arch in archs:
-            per_seed = []
-            for seed in g.seeds:
-                pooled: dict[str, list[np.ndarray]] = {}
-                for x in g.ratios:
-                    tag = Run(x, arch, seed).tag
-                    if tag in analyses:
-                        for k, v in analyses[tag].items():
-                            pooled.setdefault(k, []).append(v)
-                if pooled:
-                    per_seed.append([m for m, _ in bucket_curve({k: np.concatenate(v) for k, v in pooled.items()},
-                                                                value, dyn)])
-            if not per_seed:
-                continue
-            arr = np.array(per_seed)
-            mean = np.nanmean(arr, 0) if arr.size else arr
-            std = np.nanstd(arr, 0, ddof=1) if len(per_seed) > 1 else np.zeros_like(mean)
-            ax.errorbar(centers, mean, yerr=std, marker="o", capsize=3, label=LABEL[arch], color=colors[arch])
+            for value, style in zip(values, ("-", "--")):
+                per_seed = []
+                for seed in g.seeds:
+                    tags = [Run(x, arch, seed).tag for x in g.ratios if Run(x, arch, seed).tag in analyses]
+                    if tags and (value == "ndcg_10" or value in analyses[tags[0]]):
+                        pooled = {k: np.concatenate([analyses[t][k] for t in tags]) for k in analyses[tags[0]]}
+                        per_seed.append([m for m, _ in bucket_curve(pooled, value, dyn)])
+                if not per_seed:
+                    continue
+                arr = np.array(per_seed)
+                mean = np.nanmean(arr, 0)
+                std = np.nanstd(arr, 0, ddof=1) if len(per_seed) > 1 else np.zeros_like(mean)
+                label = LABEL[arch] + ("" if len(values) == 1 else
+                                       (", habit items" if value == "excess_occupancy" else ", dynamic items (control)"))
+                ax.errorbar(centers, mean, yerr=std, marker="o", capsize=3, label=label, color=colors[arch],
+                            linestyle=style)
         ax.set_xlabel(f"habit share of the last {WINDOW} events (ground truth)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
         files.append(outdir / name)
         fig.savefig(files[-1], dpi=110)
@@ -358,7 +372,7 @@ def curve_table(g: Grid, rows: list[dict], work: Path, value: str, dyn: bool, ar
         per_seed, counts = [], None
         for seed in g.seeds:
             tags = [Run(x, arch, seed).tag for x in g.ratios if Run(x, arch, seed).tag in analyses]
-            if not tags:
+            if not tags or (value != "ndcg_10" and value not in analyses[tags[0]]):
                 continue
             pooled = {k: np.concatenate([analyses[t][k] for t in tags]) for k in analyses[tags[0]]}
             curve = bucket_curve(pooled, value, dyn)
@@ -439,7 +453,10 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         f"bucket (first seed); buckets with < {MIN_BUCKET} targets are left out."), "",
         *curve_table(g, rows, work, "ndcg_10", True, g.archs), "",
         "### Excess occupancy by habit share of the last 64 events (all test users)", "",
+        "Habit items' subspace:", "",
         *curve_table(g, rows, work, "excess_occupancy", False, tuple(a for a in g.archs if a != "sasrec")), "",
+        "Control, the same measure over the dynamic items of the same windows:", "",
+        *curve_table(g, rows, work, "excess_occupancy_other", False, tuple(a for a in g.archs if a != "sasrec")), "",
         "## Runs", "",
         "| run | MLflow run | test NDCG@10 (trainer) | best epoch | wall min |", "|---|---|---|---|---|",
         *(f"| {r['tag']} | `{r.get('run_id', '-')[:8]}` | "
