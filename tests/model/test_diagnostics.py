@@ -115,7 +115,7 @@ def test_sink_diagnostics_per_arch():
         model = make(arch).train()
         books = [b.memory.codebooks.clone() for b in model.blocks if b.memory is not None]
         d = sink_diagnostics(model, items, ts, min_repeats=3)
-        assert set(d) == {"sink/excess_occupancy", "sink/repeated_share", "sink/effective_rank",
+        assert set(d) == {"sink/excess_occupancy", "sink/excess_occupancy_other", "sink/repeated_share", "sink/effective_rank",
                           "sink/readout_bias", "sink/write_share", "sink/rho_repeated", "sink/rho_other"}
         assert all(math.isfinite(x) for x in d.values())
         assert 0 <= d["sink/excess_occupancy"] <= 16 / 4 + 1e-4 and 0 < d["sink/repeated_share"] <= 1
