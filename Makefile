@@ -79,6 +79,9 @@ BASELINE ?=
 bench-data: setup
 	$(PYTHON) -m benchmarks.data_memory $(if $(BASELINE),--baseline $(BASELINE)) $(ARGS)
 
+bench-loss: setup  # peak RSS of the full-softmax loss on a 50k-item catalogue: plain vs chunked
+	$(PYTHON) -m benchmarks.loss_memory $(ARGS)
+
 bench-ops: setup
 	$(PYTHON) -m benchmarks.ops
 
