@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data compare study mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss compare study mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
