@@ -143,6 +143,7 @@ def analyse(ckpt: str, root: Path, max_len: int, batch_size: int = 128) -> dict[
     model = load_model(ckpt)
     dm = SeqRecDataModule(root=str(root), max_len=max_len, eval_batch_size=batch_size, verify="off")
     cols: dict[str, list[np.ndarray]] = {}
+    code_counts = None  # [passes, levels, n_codes]
     with torch.no_grad():
         table = model.item_embeddings()
         for batch in dm.loader("test", rank=0, world=1):
@@ -156,9 +157,24 @@ def analyse(ckpt: str, root: Path, max_len: int, batch_size: int = 128) -> dict[
                    "habit_share": habit.sum(1) / real.sum(1).clamp_min(1)}
             if out.states:
                 rec.update(per_user(out.states, items, habit))
+                if out.states[0].get("codes") is not None:  # [B, T, L] per pass: which codes real events use
+                    if code_counts is None:
+                        code_counts = torch.zeros(len(out.states), model.cfg.n_levels, model.cfg.n_codes)
+                    for p, st in enumerate(out.states):
+                        for level in range(model.cfg.n_levels):
+                            code_counts[p, level] += torch.bincount(st["codes"][..., level][real],
+                                                                    minlength=model.cfg.n_codes).float()
             for k, v in rec.items():
                 cols.setdefault(k, []).append(v.float().numpy() if v.is_floating_point() else v.numpy())
-    return {k: np.concatenate(v) for k, v in cols.items()}
+    a = {k: np.concatenate(v) for k, v in cols.items()}
+    if code_counts is not None:  # "are the codes used?": share of codes used, and perplexity / n_codes
+        prob = code_counts / code_counts.sum(-1, keepdim=True)
+        perplexity = torch.exp(-(prob * prob.clamp_min(1e-12).log()).sum(-1))  # [passes, levels]
+        n = len(a["rank"])  # stored per user (a constant column) so that every entry pools like the others
+        for level in range(code_counts.shape[1]):
+            a[f"code_use_l{level}"] = np.full(n, (code_counts[:, level] > 0).float().mean(-1).mean().item())
+            a[f"code_perplexity_l{level}"] = np.full(n, perplexity[:, level].mean().item() / model.cfg.n_codes)
+    return a
 
 
 def ndcg10(ranks: np.ndarray) -> np.ndarray:
@@ -173,7 +189,7 @@ def summarise(a: dict[str, np.ndarray]) -> dict[str, float]:
         m = a["kind"] == code
         s[f"{name}/ndcg_10"], s[f"{name}/hr_10"], s[f"{name}/count"] = nd[m].mean(), hit[m].mean(), float(m.sum())
     for k in ("excess_occupancy", "excess_occupancy_other", "effective_rank", "write_share", "readout_bias",
-              "rho_repeated", "rho_other"):
+              "rho_repeated", "rho_other", "code_use_l0", "code_use_l1", "code_perplexity_l0", "code_perplexity_l1"):
         if k in a:
             s[k] = float(np.nanmean(a[k]))
     return {k: float(v) for k, v in s.items()}
@@ -274,7 +290,8 @@ TABLE = [("ndcg_10", "NDCG@10"), ("hr_10", "HR@10"), ("habit/ndcg_10", "NDCG@10 
          ("dynamic/ndcg_10", "NDCG@10 dynamic"), ("dynamic/hr_10", "HR@10 dynamic"),
          ("excess_occupancy", "excess occ. habit"), ("excess_occupancy_other", "excess occ. dynamic (control)"),
          ("write_share", "write share"),
-         ("rho_repeated", "ρ habit"), ("rho_other", "ρ dynamic")]
+         ("rho_repeated", "ρ habit"), ("rho_other", "ρ dynamic"), ("code_use_l0", "codes used (level 0)"),
+         ("code_perplexity_l0", "code perplexity / n_codes (level 0)")]
 
 
 def group(rows: list[dict]) -> dict[tuple[float, str], list[dict]]:

@@ -183,3 +183,4 @@ def test_study_analysis_recomputes_the_trainers_test_metrics(trained, tiny_kind_
         assert s[key] == pytest.approx(final["metrics"][f"test/{key}"], abs=1e-6), key
     assert {"excess_occupancy", "write_share", "rho_repeated", "rho_other"} <= set(a)
     assert ((a["recent_habit_share"] >= 0) & (a["recent_habit_share"] <= 1)).all()
+    assert 0 < s["code_use_l0"] <= 1 and 0 < s["code_perplexity_l0"] <= s["code_use_l0"] + 1e-6
