@@ -170,13 +170,15 @@ def parity(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sinkrec.model import ARCHS
+
     p = argparse.ArgumentParser(prog="python -m sinkrec.distributed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("parity", help="DeepSpeed (ZeRO, gloo, CPU) vs DDP losses on the real model; run under torchrun")
     q.add_argument("--data", required=True, help="processed dataset directory (holds manifest.json)")
     q.add_argument("--deepspeed-config", default="conf/deepspeed/zero2.json")
-    q.add_argument("--arch", default="sinkrec", choices=["sinkrec", "gdn", "sasrec"])
+    q.add_argument("--arch", default="sinkrec", choices=ARCHS)
     q.add_argument("--steps", type=int, default=4)
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--max-len", type=int, default=50)
