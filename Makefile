@@ -120,7 +120,7 @@ train: setup
 
 # Train several configs one after another under the same budget and seeds -> one table
 # (docs/results/<NAME>-<date>.md) and an MLflow parent run with one child run per training.
-CONFIGS ?= conf/train/ml1m_sinkrec.yaml conf/train/ml1m_gdn.yaml conf/train/ml1m_sasrec.yaml
+CONFIGS ?= conf/train/ml1m_sinkrec.yaml conf/train/ml1m_gdn.yaml conf/train/ml1m_sasrec.yaml conf/train/ml1m_elastic.yaml
 SEEDS ?= 1234
 NAME ?= ml1m
 compare: setup
