@@ -61,7 +61,7 @@ VARIANTS = {
     "coverage_sup": ["--model.config.coverage_weight", "1.0"],  # rho supervised by recurring RVQ codes
 }
 SWITCHES = {**ABLATIONS, **VARIANTS}
-LABEL = {"sinkrec": "SinkRec", "gdn": "GDN (= memory off)", "sasrec": "SASRec",
+LABEL = {"sinkrec": "SinkRec", "gdn": "GDN (= memory off)", "sasrec": "SASRec", "elastic": "ELASTIC",
          **{f"sinkrec+{a}": f"SinkRec, {a.replace('_', ' ')}" for a in ABLATIONS},
          "sinkrec+coverage_sup": "SinkRec + coverage supervision"}
 
@@ -81,9 +81,9 @@ class Grid:
     variants: tuple[str, ...] = ()  # design changes (VARIANTS), run at the highest ratio
 
 
-FULL = Grid("sinkbench", ratios=(0.1, 0.4, 0.7), seeds=(1, 2), archs=("sinkrec", "gdn", "sasrec"),
+FULL = Grid("sinkbench", ratios=(0.1, 0.4, 0.7), seeds=(1, 2), archs=("sinkrec", "gdn", "sasrec", "elastic"),
             ablations=tuple(ABLATIONS), users=3000, items=2000, epochs=8, max_len=256, variants=tuple(VARIANTS))
-QUICK = Grid("sinkbench-quick", ratios=(0.1, 0.7), seeds=(1,), archs=("sinkrec", "gdn", "sasrec"),
+QUICK = Grid("sinkbench-quick", ratios=(0.1, 0.7), seeds=(1,), archs=("sinkrec", "gdn", "sasrec", "elastic"),
              ablations=("one_loop",), users=300, items=400, epochs=1, max_len=64,
              extra=("--data.batch_size", "16", "--optimizer.warmup_steps", "5", "--model.config.n_codes", "32"))
 
@@ -219,7 +219,7 @@ def train_and_analyse(g: Grid, run: Run, parent: str, uri: str, work: Path, resu
         row = json.loads(summary_file.read_text())
         if row.get("run_id"):  # nest it under this study's parent run
             MlflowClient(uri).set_tag(row["run_id"], "mlflow.parentRunId", parent)
-        if not row.get("summary") or ANALYSIS_KEYS <= set(row["summary"]) or run.arch == "sasrec":
+        if not row.get("summary") or ANALYSIS_KEYS <= set(row["summary"]) or run.arch in ("sasrec", "elastic"):
             print(f"[study] {run.tag}: reusing {summary_file}", flush=True)
             return row
         print(f"[study] {run.tag}: re-analysing (the stored analysis predates a measure)", flush=True)
@@ -325,7 +325,7 @@ def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
 
     groups = group(rows)
     analyses = {r["tag"]: dict(np.load(work / r["tag"] / "analysis.npz")) for r in rows if r.get("summary")}
-    colors = {"sinkrec": "C0", "gdn": "C1", "sasrec": "C2"}
+    colors = {"sinkrec": "C0", "gdn": "C1", "sasrec": "C2", "elastic": "C3"}
     outdir.mkdir(parents=True, exist_ok=True)
     files = []
     # 1. metric vs repeat ratio
@@ -346,7 +346,7 @@ def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
     plt.close(fig)
     # 2. the sink curve and 3. occupancy vs habit share: users pooled over ratios, mean +- std over seeds
     centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in itertools.pairwise(BUCKETS)]
-    recurrent = tuple(a for a in g.archs if a != "sasrec")
+    recurrent = tuple(a for a in g.archs if a in ("sinkrec", "gdn"))  # the archs with a delta-rule state
     for values, dyn, name, ylabel, archs in (
             (("ndcg_10",), True, "sink_curve.png", "NDCG@10 on dynamic targets", g.archs),
             (("excess_occupancy", "excess_occupancy_other"), False, "occupancy_vs_share.png",
@@ -471,9 +471,9 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         *curve_table(g, rows, work, "ndcg_10", True, g.archs), "",
         "### Excess occupancy by habit share of the last 64 events (all test users)", "",
         "Habit items' subspace:", "",
-        *curve_table(g, rows, work, "excess_occupancy", False, tuple(a for a in g.archs if a != "sasrec")), "",
+        *curve_table(g, rows, work, "excess_occupancy", False, ("sinkrec", "gdn")), "",
         "Control, the same measure over the dynamic items of the same windows:", "",
-        *curve_table(g, rows, work, "excess_occupancy_other", False, tuple(a for a in g.archs if a != "sasrec")), "",
+        *curve_table(g, rows, work, "excess_occupancy_other", False, ("sinkrec", "gdn")), "",
         "## Runs", "",
         "| run | MLflow run | test NDCG@10 (trainer) | best epoch | wall min |", "|---|---|---|---|---|",
         *(f"| {r['tag']} | `{r.get('run_id', '-')[:8]}` | "
