@@ -103,14 +103,12 @@ def verify_shards(root: str | Path, manifest: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Unit:
-    """Rows [lo, hi) of row group `row_group` of shard `shard`; `events` is estimated pro rata from
-    the row group's footer (for balancing only)."""
+    """Rows [lo, hi) of row group `row_group` of shard `shard`."""
 
     shard: int
     row_group: int
     lo: int
     hi: int
-    events: int
 
     @property
     def rows(self) -> int:
@@ -153,10 +151,10 @@ def _flat(column, where: str, name: str) -> tuple[np.ndarray, np.ndarray]:
 class ShardIndex:
     """The row groups of every shard, from the Parquet footers (no data pages are read)."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], groups: list[tuple[int, int, int, int]],
+    def __init__(self, root: Path, manifest: dict[str, Any], groups: list[tuple[int, int, int]],
                  verify: Verify) -> None:
         self.root, self.manifest, self.verify = root, manifest, verify
-        self.groups = groups  # (shard, row group, rows, events)
+        self.groups = groups  # (shard, row group, rows)
         self.side_names = list(manifest.get("side_columns", []))
         self.num_items = int(manifest["num_items"])
         self._verified: set[int] = set()
@@ -184,11 +182,7 @@ class ShardIndex:
                 raise ShardError(f"{path}: missing columns {missing}; has {names}")
             if "rows" in entry and meta.num_rows != entry["rows"]:
                 raise ShardError(f"{path}: {meta.num_rows} rows, {root / MANIFEST} says {entry['rows']}")
-            item_col = names.index(ITEM_IDX)
-            for g in range(meta.num_row_groups):
-                rg = meta.row_group(g)
-                # leaf values of the item list column = events (+1 per empty list, which the pipeline never writes)
-                groups.append((s, g, rg.num_rows, rg.column(item_col).num_values))
+            groups += [(s, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
         return cls(root, manifest, groups, verify)
 
     @staticmethod
@@ -206,11 +200,11 @@ class ShardIndex:
             return []
         cuts = max(1, -(-min_units // len(self.groups)))
         out = []
-        for s, g, rows, events in self.groups:
+        for s, g, rows in self.groups:
             bounds = np.linspace(0, rows, min(cuts, max(rows, 1)) + 1).round().astype(int)
             for lo, hi in itertools.pairwise(bounds):
                 if hi > lo:
-                    out.append(Unit(s, g, int(lo), int(hi), round(events * (hi - lo) / max(rows, 1))))
+                    out.append(Unit(s, g, int(lo), int(hi)))
         return out
 
     def read(self, unit: Unit) -> UserRows:

@@ -54,8 +54,7 @@ def slot_units(units: list[Unit], lo: int, hi: int) -> list[Unit]:
         end = start + u.rows
         a, b = max(lo, start), min(hi, end)
         if a < b:
-            frac = (b - a) / max(u.rows, 1)
-            out.append(Unit(u.shard, u.row_group, u.lo + a - start, u.lo + b - start, int(u.events * frac)))
+            out.append(Unit(u.shard, u.row_group, u.lo + a - start, u.lo + b - start))
         start = end
         if start >= hi:
             break
