@@ -317,14 +317,29 @@ def results_table(groups: dict, keys: list[tuple[float, str]]) -> list[str]:
     return lines
 
 
-def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
+def load_analyses(rows: list[dict], work: Path) -> dict[str, dict[str, np.ndarray]]:
+    """tag -> the per-user analysis of every analysed run (read once per report)."""
+    return {r["tag"]: dict(np.load(work / r["tag"] / "analysis.npz")) for r in rows if r.get("summary")}
+
+
+def seed_curves(g: Grid, analyses: dict, arch: str, value: str, dyn: bool) -> list[list[tuple[float, int]]]:
+    """bucket_curve of `value` for `arch`, one per seed, with the users of every ratio pooled."""
+    curves = []
+    for seed in g.seeds:
+        tags = [Run(x, arch, seed).tag for x in g.ratios if Run(x, arch, seed).tag in analyses]
+        if tags and (value == "ndcg_10" or value in analyses[tags[0]]):
+            pooled = {k: np.concatenate([analyses[t][k] for t in tags]) for k in analyses[tags[0]]}
+            curves.append(bucket_curve(pooled, value, dyn))
+    return curves
+
+
+def plots(g: Grid, rows: list[dict], analyses: dict, outdir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = group(rows)
-    analyses = {r["tag"]: dict(np.load(work / r["tag"] / "analysis.npz")) for r in rows if r.get("summary")}
     colors = {"sinkrec": "C0", "gdn": "C1", "sasrec": "C2", "elastic": "C3"}
     outdir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -354,12 +369,7 @@ def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for arch in archs:
             for value, style in zip(values, ("-", "--")):
-                per_seed = []
-                for seed in g.seeds:
-                    tags = [Run(x, arch, seed).tag for x in g.ratios if Run(x, arch, seed).tag in analyses]
-                    if tags and (value == "ndcg_10" or value in analyses[tags[0]]):
-                        pooled = {k: np.concatenate([analyses[t][k] for t in tags]) for k in analyses[tags[0]]}
-                        per_seed.append([m for m, _ in bucket_curve(pooled, value, dyn)])
+                per_seed = [[m for m, _ in curve] for curve in seed_curves(g, analyses, arch, value, dyn)]
                 if not per_seed:
                     continue
                 arr = np.array(per_seed)
@@ -380,21 +390,14 @@ def plots(g: Grid, rows: list[dict], work: Path, outdir: Path) -> list[Path]:
     return files
 
 
-def curve_table(g: Grid, rows: list[dict], work: Path, value: str, dyn: bool, archs) -> list[str]:
+def curve_table(g: Grid, analyses: dict, value: str, dyn: bool, archs) -> list[str]:
     """The plotted curve as numbers: per bucket, mean over seeds (and the target count of seed 1)."""
-    analyses = {r["tag"]: dict(np.load(work / r["tag"] / "analysis.npz")) for r in rows if r.get("summary")}
     head = ["model", *(f"[{lo:.2f}, {min(hi, 1):.2f})" for lo, hi in itertools.pairwise(BUCKETS))]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arch in archs:
-        per_seed, counts = [], None
-        for seed in g.seeds:
-            tags = [Run(x, arch, seed).tag for x in g.ratios if Run(x, arch, seed).tag in analyses]
-            if not tags or (value != "ndcg_10" and value not in analyses[tags[0]]):
-                continue
-            pooled = {k: np.concatenate([analyses[t][k] for t in tags]) for k in analyses[tags[0]]}
-            curve = bucket_curve(pooled, value, dyn)
-            per_seed.append([m for m, _ in curve])
-            counts = counts or [n for _, n in curve]
+        curves = seed_curves(g, analyses, arch, value, dyn)
+        per_seed = [[m for m, _ in curve] for curve in curves]
+        counts = [n for _, n in curves[0]] if curves else None
         if per_seed:
             cols = np.array(per_seed).T
             lines.append("| " + " | ".join([LABEL[arch], *(f"{fmt(list(c), 3)} (n={n})" for c, n in zip(cols, counts))]) + " |")
@@ -429,7 +432,8 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
 
     groups = group(rows)
     figdir = path.parent / ("study" if path.name == "STUDY.md" else "figures")
-    files = plots(g, rows, work, figdir)
+    analyses = load_analyses(rows, work)
+    files = plots(g, rows, analyses, figdir)
     main_keys = [(x, a) for x in g.ratios for a in g.archs]
     top = max(g.ratios)
     abl_keys = [(top, "sinkrec"), (top, "gdn"), *((top, f"sinkrec+{a}") for a in (*g.ablations, *g.variants))]
@@ -468,12 +472,12 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         f"### The sink curve: NDCG@10 on dynamic targets by habit share of the last {WINDOW} events", "",
         ("Users of all ratios pooled per model and seed; mean ± std over seeds; n = dynamic targets in the "
         f"bucket (first seed); buckets with < {MIN_BUCKET} targets are left out."), "",
-        *curve_table(g, rows, work, "ndcg_10", True, g.archs), "",
+        *curve_table(g, analyses, "ndcg_10", True, g.archs), "",
         "### Excess occupancy by habit share of the last 64 events (all test users)", "",
         "Habit items' subspace:", "",
-        *curve_table(g, rows, work, "excess_occupancy", False, ("sinkrec", "gdn")), "",
+        *curve_table(g, analyses, "excess_occupancy", False, ("sinkrec", "gdn")), "",
         "Control, the same measure over the dynamic items of the same windows:", "",
-        *curve_table(g, rows, work, "excess_occupancy_other", False, ("sinkrec", "gdn")), "",
+        *curve_table(g, analyses, "excess_occupancy_other", False, ("sinkrec", "gdn")), "",
         "## Runs", "",
         "| run | MLflow run | test NDCG@10 (trainer) | best epoch | wall min |", "|---|---|---|---|---|",
         *(f"| {r['tag']} | `{r.get('run_id', '-')[:8]}` | "
