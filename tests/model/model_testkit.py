@@ -64,3 +64,19 @@ def train_next_item(model, items: torch.Tensor, ts: torch.Tensor, steps: int, lr
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def memorise(model, items: torch.Tensor, ts: torch.Tensor, max_steps: int, lr: float = 1e-2,
+             ce_target: float = 0.05) -> float:
+    """Adam on one left-padded batch (targets items[:, 1:], none after a pad input) until the CE is
+    below `ce_target` or `max_steps` steps ran; returns the last CE."""
+    inputs, targets = items[:, :-1], items[:, 1:] * (items[:, :-1] != 0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(max_steps):
+        loss, parts = model.loss(model(inputs, ts[:, :-1]), targets)
+        if parts["ce"] < ce_target:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(parts["ce"])
