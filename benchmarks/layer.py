@@ -156,7 +156,7 @@ def _matmul_peak(reps: int) -> dict:
 
 def _gates_case(backend: str, reps: int) -> dict:
     """Fused gates forward + backward at the benchmark's token count (B * T = 16384)."""
-    from sinkrec.layers.fused_gates import fused_gates
+    from sinkrec.ops.fused_gates import fused_gates
 
     torch.manual_seed(0)
     B, T, H, K = 16, 1024, N_HEADS, D_MODEL // N_HEADS

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sinkrec.layers import ElasticBlock, SinkRecBlock
-from sinkrec.layers.fused_gates import GATE_BACKENDS
 from sinkrec.losses import full_softmax_loss, sampled_softmax_loss
 from sinkrec.modules import RMSNorm, SwiGLU, l2norm
+from sinkrec.ops import FUSED_GATES_BACKENDS, GATED_DELTA_BACKENDS
 
 ARCHS = ("sinkrec", "gdn", "sasrec", "elastic")
 
@@ -73,11 +73,12 @@ class SinkRecConfig:
                              f"{self.num_negatives} must be > 0")
         if self.d_model % self.n_heads:
             raise ValueError(f"SinkRecConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.kernel_backend not in ("auto", "chunk", "recurrent", "fla"):
+        if self.kernel_backend not in GATED_DELTA_BACKENDS:
             raise ValueError(f"SinkRecConfig.kernel_backend={self.kernel_backend!r} must be one of "
-                             "'auto', 'chunk', 'recurrent', 'fla'")
-        if self.gate_backend not in GATE_BACKENDS:
-            raise ValueError(f"SinkRecConfig.gate_backend={self.gate_backend!r} must be one of {GATE_BACKENDS}")
+                             f"{GATED_DELTA_BACKENDS}")
+        if self.gate_backend not in FUSED_GATES_BACKENDS:
+            raise ValueError(f"SinkRecConfig.gate_backend={self.gate_backend!r} must be one of "
+                             f"{FUSED_GATES_BACKENDS}")
         if self.coverage_weight < 0:
             raise ValueError(f"SinkRecConfig.coverage_weight={self.coverage_weight} must be >= 0")
         if self.n_loops < 1 or self.n_blocks < 1:

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sinkrec.layers.fused_gates import fused_gates
 from sinkrec.modules import RMSNorm, RVQMemory, ShortConv, SwiGLU, l2norm
-from sinkrec.ops import gated_delta_rule
+from sinkrec.ops import fused_gates, gated_delta_rule
 
 
 class TDGD(nn.Module):

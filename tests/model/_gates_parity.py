@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 
-from sinkrec.layers.fused_gates import fused_gates
+from sinkrec.ops.fused_gates import fused_gates
 
 
 def supported_capabilities() -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkrec.layers.fused_gates import fused_gates, gates_reference
+from sinkrec.ops.fused_gates import fused_gates, gates_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_gates_parity.py")
@@ -48,7 +48,7 @@ def test_compile_matches_reference_forward_backward():
 
 def _cross_isa_parity(writer: str, reader: str) -> dict[str, float]:
     """Compile under `writer`'s ISA (filling the inductor cache), then under `reader`'s: the
-    reader must not reuse C++ generated for the writer's vector width (see fused_gates/__init__)."""
+    reader must not reuse C++ generated for the writer's vector width (see ops/fused_gates/compile.py)."""
     _parity("compile", "--sinkrec-only", capability=writer)
     return _parity("compile", "--sinkrec-only", capability=reader)
 

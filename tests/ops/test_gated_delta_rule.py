@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 import sinkrec.ops.gated_delta.chunk as chunk_mod
 from sinkrec.ops import gated_delta_rule
-from sinkrec.ops.backend import resolve_backend
+from sinkrec.ops.gated_delta import resolve_backend
 
 TOL = 1e-4  # relative RMS error, float32
 

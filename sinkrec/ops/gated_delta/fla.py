@@ -6,16 +6,7 @@ kernels need CUDA, so nothing here may run at import time of `sinkrec`.
 
 from __future__ import annotations
 
-import importlib.util
-from functools import lru_cache
-
 import torch
-
-
-@lru_cache(maxsize=1)
-def fla_available() -> bool:
-    """True when fla-core and Triton are importable (checked without importing them)."""
-    return importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
 
 
 def fla_gated_delta_rule(

@@ -1,7 +1,7 @@
 """Triton kernels for the fused TDGD gates: one forward and one backward pass over rows.
 
 Every (b, t, h) is one independent row: q, k, km [K] and v, vm [V] vectors plus a few
-scalars, so the whole gate / purification chain (SINKREC.md section 2, `reference.py`) is
+scalars, so the whole gate / purification chain (SINKREC.md section 2, `naive.py`) is
 elementwise work plus two K-dot products. The reference launches ~30 small kernels and keeps
 every intermediate for autograd; here the forward is one read of the inputs and one write of
 the outputs, and the backward recomputes the intermediates in registers instead of storing them.
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sinkrec.layers.fused_gates.reference import GateOut
+from sinkrec.ops.fused_gates.naive import GateOut
 
 BLOCK_N = 32  # rows per program
 
