@@ -16,6 +16,7 @@ import torch
 
 from sinkrec.metrics import RankingAccumulator, target_ranks, top_k
 from sinkrec.model import SinkRecConfig, build_model
+from sinkrec.windows import defer_codebook_updates, flush_codebook_updates, windowed_forward, windowed_loss
 
 
 def ranking_names(stage: str) -> tuple[str, str]:
@@ -72,10 +73,14 @@ class SeqRecModule(pl.LightningModule):
         config: the model config; `num_items` and `max_len` are linked from the data module.
         optim: AdamW + warm-up/cosine schedule.
         evaluation: full-ranking metric settings.
+        window: recurrent archs only: batches longer than this many events run window by window with
+            the state carried (sinkrec/windows.py): memory bounded by batch x window, exact forward,
+            gradients truncated at window borders. None = one pass (the memory grows with the batch's
+            longest history). Pair it with `data.max_len: null` to train on whole histories.
     """
 
     def __init__(self, config: SinkRecConfig, optim: OptimConfig | None = None,
-                 evaluation: EvalConfig | None = None) -> None:
+                 evaluation: EvalConfig | None = None, window: int | None = None) -> None:
         super().__init__()
         # checkpoints store plain dicts (they must load with torch.load(weights_only=True));
         # load_from_checkpoint hands those dicts back here
@@ -84,21 +89,36 @@ class SeqRecModule(pl.LightningModule):
         evaluation = EvalConfig(**evaluation) if isinstance(evaluation, dict) else evaluation
         self.config, self.optim = config, optim or OptimConfig()
         self.evaluation = evaluation or EvalConfig()
+        if window is not None and (window < 1 or config.arch == "sasrec"):
+            raise ValueError(f"model.window={window}: must be >= 1, and only the recurrent archs (sinkrec, "
+                             f"gdn, elastic) carry a state between windows; arch={config.arch!r} attends "
+                             "over data.max_len events (use model.window: null)")
+        self.window = window
         self.save_hyperparameters({"config": dataclasses.asdict(config), "optim": dataclasses.asdict(self.optim),
-                                   "evaluation": dataclasses.asdict(self.evaluation)}, logger=False)
+                                   "evaluation": dataclasses.asdict(self.evaluation), "window": window},
+                                  logger=False)
         self.model = build_model(config)
+        if window is not None:  # codebooks fixed between a window's forward and its recompute
+            defer_codebook_updates(self.model)
         # "{stage}" keeps history items as candidates (HSTU's protocol); "{stage}_seen_excluded" removes
         # them (SASRec+ / eSASRec's). Both come from the same forward pass, so they compare like for like.
         self.acc = {s: RankingAccumulator(self.evaluation.ks) for s in SCORED_STAGES}
         self.final_metrics: dict[str, dict[str, float]] = {}  # exact float64 values of the last epoch
 
     def forward(self, items: torch.Tensor, ts: torch.Tensor):
-        return self.model(items, ts)
+        return self._encode(items, ts)
+
+    def _encode(self, items: torch.Tensor, ts: torch.Tensor):
+        return self.model(items, ts) if self.window is None else windowed_forward(self.model, items, ts, self.window)
 
     # ---- steps ----
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        out = self.model(batch["items"], batch["ts"])
-        loss, parts = self.model.loss(out, batch["targets"])
+        if stage == "train" and self.window is not None:
+            loss, parts = windowed_loss(self.model, batch["items"], batch["ts"], batch["targets"], self.window)
+            out = None
+        else:
+            out = self._encode(batch["items"], batch["ts"])
+            loss, parts = self.model.loss(out, batch["targets"])
         B = batch["items"].shape[0]
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=B,
@@ -136,7 +156,7 @@ class SeqRecModule(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        hidden = self.model(batch["items"], batch["ts"]).hidden[:, -1]  # [B, D], most recent event
+        hidden = self._encode(batch["items"], batch["ts"]).hidden[:, -1]  # [B, D], most recent event
         exclude = batch["items"] if self.evaluation.exclude_history else None
         scores, items = top_k(hidden, self.model.item_embeddings(), self.evaluation.predict_k, exclude,
                               self.evaluation.chunk_size)
@@ -185,6 +205,10 @@ class SeqRecModule(pl.LightningModule):
                                 min_repeats=self.evaluation.diag_min_repeats)
         self.log_dict({f"val/{k}": float(v) for k, v in diag.items()}, rank_zero_only=True,
                       on_step=False, on_epoch=True, batch_size=len(keep))
+
+    def on_after_backward(self) -> None:
+        if self.window is not None:
+            flush_codebook_updates(self.model)
 
     # ---- optimisation ----
     def configure_optimizers(self) -> dict[str, Any]:

@@ -31,7 +31,8 @@ class SinkRecConfig:
     n_heads: int = 2  # heads H; head dims K = V = d_model // n_heads
     n_blocks: int = 2  # distinct blocks (weights); SASRec: number of attention layers
     n_loops: int = 2  # passes over the blocks with shared weights (SinkRec/GDN; 1 = no looping)
-    max_len: int = 200  # SASRec only: number of learned positions (longest sequence it accepts)
+    max_len: int | None = 200  # SASRec only: learned positions (longest sequence it accepts); None: whole
+    # histories, for the recurrent archs only
     dropout: float = 0.1  # on residual updates and (SASRec) on attention probabilities / input
     memory: bool = True  # RVQ conditional memory; False = plain Gated DeltaNet blocks
     purify_write: bool = True  # write beta*(1 - rho) and v - rho*vm instead of beta and v
@@ -71,6 +72,10 @@ class SinkRecConfig:
         if self.temperature <= 0 or self.num_negatives < 1:
             raise ValueError(f"SinkRecConfig: temperature={self.temperature} and num_negatives="
                              f"{self.num_negatives} must be > 0")
+        if self.arch == "sasrec" and (self.max_len is None or self.max_len < 1):
+            raise ValueError(f"SinkRecConfig.max_len={self.max_len}: SASRec learns one position per event and "
+                             "needs a window (data.max_len, e.g. 200); whole histories (null) are for the "
+                             "recurrent archs sinkrec, gdn and elastic")
         if self.d_model % self.n_heads:
             raise ValueError(f"SinkRecConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.kernel_backend not in GATED_DELTA_BACKENDS:
@@ -98,15 +103,31 @@ class ModelOutput:
     hidden: torch.Tensor  # [B, T, D], final-normed; zero at pad positions
     aux_loss: torch.Tensor  # scalar, already weighted (commit_weight * commitment); 0 without memory
     states: list[dict] | None = None  # per (loop, block) pass: {"S", "k", "v", "o", "codes"} if requested
+    cache: dict | None = None  # the recurrent state after the last position, when a cache was passed in
 
 
-def time_features(ts: torch.Tensor, mask: torch.Tensor, time_scale: float) -> torch.Tensor:
+def time_features(ts: torch.Tensor, mask: torch.Tensor, time_scale: float,
+                  prev: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """phi_t = log1p(dt_t / time_scale), dt_t = max(ts_t - ts_{t-1}, 0); 0 at the first real event
-    and at pads. ts, mask [B, T] -> phi [B, T] float32."""
+    and at pads. ts, mask [B, T] -> phi [B, T] float32. `prev` = (ts_prev [B], has_prev [B] bool): the
+    last real event before this window (a carried cache), so position 0 gets its gap too."""
+    if prev is not None:
+        ts_prev, has_prev = prev
+        ts, mask = torch.cat([ts_prev[:, None], ts], 1), torch.cat([has_prev[:, None], mask], 1)
     dt = (ts[:, 1:] - ts[:, :-1]).clamp_min(0).float()  # [B, T - 1]
     dt = dt * (mask[:, 1:] & mask[:, :-1])  # the previous position must be a real event
-    dt = F.pad(dt, (1, 0))  # [B, T]
+    if prev is None:
+        dt = F.pad(dt, (1, 0))  # [B, T]
     return torch.log1p(dt / time_scale)
+
+
+def last_real(ts: torch.Tensor, mask: torch.Tensor, ts_prev: torch.Tensor, has_prev: torch.Tensor,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ts_prev, has_prev) after a window: the timestamp of each row's last real event, if any."""
+    T = ts.shape[1]
+    idx = torch.where(mask, torch.arange(T, device=ts.device), -1).amax(1)  # [B], -1 = none
+    seen = idx >= 0
+    return torch.where(seen, ts.gather(1, idx.clamp_min(0)[:, None])[:, 0], ts_prev), has_prev | seen
 
 
 class SeqRecModel(nn.Module):
@@ -169,31 +190,48 @@ class SinkRec(SeqRecModel):
         self.norm_f = RMSNorm(cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False) -> ModelOutput:
-        """items, ts [B, T] (left-padded) -> ModelOutput(hidden [B, T, D], aux_loss, states)."""
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False,
+                cache: dict | None = None) -> ModelOutput:
+        """items, ts [B, T] (left-padded) -> ModelOutput(hidden [B, T, D], aux_loss, states, cache).
+
+        `cache` (init_state, or the `cache` of the previous call) continues the same B sequences from
+        where the previous window ended, and the output then carries the cache after this window: a
+        sequence cut into windows and run window by window gives the hidden states of one pass over
+        the whole sequence (tests/model/test_windows.py); T = 1 is the O(1)-per-event streaming step."""
         mask = items != 0  # [B, T]
         keep = mask[..., None].to(self.item_emb.weight.dtype)  # [B, T, 1]
-        phi = time_features(ts, mask, self.cfg.time_scale)
+        prev = None if cache is None else (cache["ts_prev"], cache["has_prev"])
+        phi = time_features(ts, mask, self.cfg.time_scale, prev)
         h = self.emb_dropout(self.embed(self.item_emb(items)))
         commit, coverage, states = h.new_zeros(()), h.new_zeros(()), [] if return_states else None
+        passes = [] if cache is not None else None
+        i = 0
         for loop in range(self.cfg.n_loops):
             h = h + self.loop_emb.weight[loop]
             for block in self.blocks:
                 # zero pads so the convolutions of the first real events see zeros, whatever
                 # the amount of left padding
-                h, c, cov, record = block(h * keep, phi, mask, return_states)
-                commit, coverage = commit + c, coverage + cov
+                h, c, cov, record, new = block(h * keep, phi, mask, return_states,
+                                               None if cache is None else cache["passes"][i])
+                commit, coverage, i = commit + c, coverage + cov, i + 1
                 if return_states:
                     states.append(record)
+                if cache is not None:
+                    passes.append(new)
         hidden = self.head_norm(self.norm_f(h)) * keep
         n_passes = self.cfg.n_loops * self.cfg.n_blocks
         aux = self.cfg.commit_weight * commit / n_passes if self.cfg.memory else commit
         if self.cfg.coverage_weight > 0 and self.cfg.memory:
             aux = aux + self.cfg.coverage_weight * coverage / n_passes
-        return ModelOutput(hidden, aux, states)
+        new_cache = None
+        if cache is not None:
+            ts_prev, has_prev = last_real(ts, mask, cache["ts_prev"], cache["has_prev"])
+            new_cache = {"ts_prev": ts_prev, "has_prev": has_prev, "passes": passes}
+        return ModelOutput(hidden, aux, states, new_cache)
 
-    # ---- streaming inference, O(1) per event ----
+    # ---- windows and streaming inference, O(1) per event ----
     def init_state(self, B: int, device=None) -> dict:
+        """The cache of B sequences that have not started (what `forward(cache=...)` continues)."""
         device = device or self.item_emb.weight.device
         dtype = self.item_emb.weight.dtype
         return {
@@ -207,25 +245,9 @@ class SinkRec(SeqRecModel):
     def step(self, state: dict, item: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """item, ts [B] -> (hidden [B, D], new state); equals forward(items, ts).hidden[:, t].
         A pad item (0) leaves the state unchanged apart from the conv buffers, which take a zero,
-        exactly as the full forward sees it."""
-        valid = item != 0
-        dt = torch.where(state["has_prev"] & valid, (ts - state["ts_prev"]).clamp_min(0), 0)
-        phi = torch.log1p(dt.float() / self.cfg.time_scale)
-        keep = valid[:, None].to(self.item_emb.weight.dtype)
-        h = self.embed(self.item_emb(item))
-        caches, i = [], 0
-        for loop in range(self.cfg.n_loops):
-            h = h + self.loop_emb.weight[loop]
-            for block in self.blocks:
-                h, cache = block.step(h * keep, phi, valid, state["passes"][i])
-                caches.append(cache)
-                i += 1
-        new_state = {
-            "ts_prev": torch.where(valid, ts, state["ts_prev"]),
-            "has_prev": state["has_prev"] | valid,
-            "passes": caches,
-        }
-        return self.head_norm(self.norm_f(h)) * keep, new_state
+        exactly as the full forward sees it. The same code path as `forward`, one event long."""
+        out = self(item[:, None], ts[:, None], cache=state)
+        return out.hidden[:, 0], out.cache
 
 
 class CausalSelfAttention(nn.Module):
@@ -325,30 +347,31 @@ class Elastic(SeqRecModel):
         self.norm_f = RMSNorm(cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False) -> ModelOutput:
-        """items, ts [B, T] (left-padded) -> ModelOutput(hidden [B, T, D], 0, None). ts is unused."""
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False,
+                cache: dict | None = None) -> ModelOutput:
+        """items, ts [B, T] (left-padded) -> ModelOutput(hidden [B, T, D], 0, None, cache). ts is unused.
+        `cache` (init_state or a previous call's) continues the sequences, as in SinkRec.forward."""
         mask = items != 0  # [B, T]
         keep = mask[..., None].to(self.item_emb.weight.dtype)  # [B, T, 1]
         h = self.emb_dropout(self.embed(self.item_emb(items)))
-        for block in self.blocks:
-            h, _ = block(h, mask)
-        return ModelOutput(self.head_norm(self.norm_f(h)) * keep, h.new_zeros(()), None)
+        new = [] if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            h, st = block(h, mask, None if cache is None else cache["lda"][i], return_state=cache is not None)
+            if cache is not None:
+                new.append(st)
+        return ModelOutput(self.head_norm(self.norm_f(h)) * keep, h.new_zeros(()), None,
+                           None if cache is None else {"lda": new})
 
-    # ---- streaming inference, O(1) per event ----
+    # ---- windows and streaming inference, O(1) per event ----
     def init_state(self, B: int, device=None) -> dict:
         return {"lda": [blk.lda.init_state(B, device or self.item_emb.weight.device) for blk in self.blocks]}
 
     @torch.no_grad()
     def step(self, state: dict, item: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """item, ts [B] -> (hidden [B, D], new state); equals forward(items, ts).hidden[:, t].
-        A pad item (0) leaves the state unchanged."""
-        mask = (item != 0)[:, None]  # [B, 1]
-        h = self.embed(self.item_emb(item))[:, None]  # [B, 1, D]
-        new = []
-        for block, st in zip(self.blocks, state["lda"], strict=True):
-            h, st = block(h, mask, st, return_state=True)
-            new.append(st)
-        return self.head_norm(self.norm_f(h[:, 0])) * mask.to(h.dtype), {"lda": new}
+        A pad item (0) leaves the state unchanged. The same code path as `forward`, one event long."""
+        out = self(item[:, None], ts[:, None], cache=state)
+        return out.hidden[:, 0], out.cache
 
 
 def build_model(cfg: SinkRecConfig) -> SeqRecModel:

@@ -3,7 +3,7 @@
 One rule serves every stage. A user's events e_0..e_{n-1} (oldest first) give a sequence
 `seq = e[:end]` and target positions `j in [first, end)`: the model reads `seq[:j]` and must rank
 `seq[j]`. The window keeps the most recent `max_len` inputs, so inputs = seq[w:end-1],
-targets = seq[w+1:end] with w = max(0, end - 1 - max_len).
+targets = seq[w+1:end] with w = max(0, end - 1 - max_len) (w = 0 for max_len None: whole histories).
 
     stage      leave_one_out                 time_cutoff (valid_ts, test_ts)
     train      end = n-2, first = 1          end = #(ts < valid_ts), first = 1
@@ -59,17 +59,17 @@ def make_example(
     kind: np.ndarray | None,
     end: int,
     first: int,
-    max_len: int,
+    max_len: int | None,
     user_idx: int,
     valid: bool,
 ) -> dict[str, Any]:
     if first >= end:  # predict: read the last max_len events, no target
-        lo = max(0, len(items) - max_len)
+        lo = 0 if max_len is None else max(0, len(items) - max_len)
         x, t = items[lo:], ts[lo:]
         return {"items": x, "ts": t, "targets": np.zeros_like(x), "kind": None,
                 "input_kind": None if kind is None else kind[lo:].astype(np.int64), "user_idx": user_idx,
                 "valid": valid}
-    w = max(0, end - 1 - max_len)
+    w = 0 if max_len is None else max(0, end - 1 - max_len)
     x, t = items[w : end - 1], ts[w : end - 1]
     y = items[w + 1 : end].copy()
     pos = np.arange(w + 1, end)

@@ -37,7 +37,8 @@ class SeqRecDataModule(pl.LightningDataModule):
 
     Args:
         root: processed dataset directory (holds manifest.json).
-        max_len: most recent events a model reads per example.
+        max_len: most recent events a model reads per example; null = the whole history (recurrent
+            archs; pair it with `model.window` to bound memory).
         batch_size: users per training batch and rank.
         eval_batch_size: users per validation/test/predict batch and rank.
         num_workers: DataLoader worker processes per rank.
@@ -53,7 +54,7 @@ class SeqRecDataModule(pl.LightningDataModule):
     def __init__(
         self,
         root: str = "data/processed/ml-1m",
-        max_len: int = 200,
+        max_len: int | None = 200,
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 0,
@@ -63,7 +64,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         verify: Verify = "own",
     ) -> None:
         super().__init__()
-        if max_len < 1 or batch_size < 1 or eval_batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
+        if (max_len is not None and max_len < 1) or batch_size < 1 or eval_batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
             raise ValueError(f"data.max_len/batch_size/eval_batch_size/shuffle_buffer must be >= 1 and "
                              f"data.num_workers >= 0, got {max_len}/{batch_size}/{eval_batch_size}/"
                              f"{shuffle_buffer} and {num_workers}")

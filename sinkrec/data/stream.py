@@ -61,7 +61,7 @@ def slot_units(units: list[Unit], lo: int, hi: int) -> list[Unit]:
     return out
 
 
-def stage_examples(rows: UserRows, stage: Stage, split: dict[str, Any], max_len: int,
+def stage_examples(rows: UserRows, stage: Stage, split: dict[str, Any], max_len: int | None,
                    kind_column: str | None) -> Iterator[dict[str, Any]]:
     """The examples (collate.make_example) of the users of `rows` that have a target in `stage`."""
     ts_counts = None
@@ -139,7 +139,7 @@ class StageStream(Dataset):
     """Batches of one stage for one rank, built from that rank's slots (module docstring)."""
 
     def __init__(self, index: ShardIndex, stage: Stage, rank: int, world: int, workers: int, batch_size: int,
-                 bucket_batches: int, shuffle_buffer: int, max_len: int, seed: int,
+                 bucket_batches: int, shuffle_buffer: int, max_len: int | None, seed: int,
                  kind_column: str | None) -> None:
         self.index, self.stage, self.rank, self.world = index, stage, rank, world
         self.workers = max(1, workers)  # slots per rank (0 workers = the main process = one slot)

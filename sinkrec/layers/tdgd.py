@@ -114,14 +114,20 @@ class TDGD(nn.Module):
 
     def forward(
         self, h: torch.Tensor, m: torch.Tensor | None, phi: torch.Tensor, mask: torch.Tensor,
-        return_record: bool = False,
-    ) -> tuple[torch.Tensor, dict | None]:
-        """h [B, T, D], m [B, T, D] | None, phi [B, T] float, mask [B, T] bool -> (y [B, T, D], record)."""
+        return_record: bool = False, cache: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict | None, dict[str, torch.Tensor] | None]:
+        """h [B, T, D], m [B, T, D] | None, phi [B, T] float, mask [B, T] bool -> (y [B, T, D], record,
+        cache after the last position | None).
+
+        `cache` ({"conv": [B, W - 1, n_conv], "S": [B, H, K, V]}, see init_cache) continues the
+        sequences from a previous window (T = 1 is the O(1)-per-event streaming step); None starts them."""
         u = self.norm(h)
         x = self.w_in(u)  # [B, T, n_in]
-        q, k, v, og, gate_x = self._split(x, self.conv(x[..., : self.n_conv]))
-        y, o, state, (gates, km) = self._mix(u, q, k, v, og, gate_x, m, phi, mask, None, return_record,
-                                             self.kernel_backend)
+        conv_out, conv_buf = self.conv(x[..., : self.n_conv], None if cache is None else cache["conv"])
+        q, k, v, og, gate_x = self._split(x, conv_out)
+        y, o, state, (gates, km) = self._mix(
+            u, q, k, v, og, gate_x, m, phi, mask, None if cache is None else cache["S"],
+            return_record or cache is not None, self.kernel_backend)
         record = None
         if return_record:  # what the sink diagnostics read (sinkrec.diagnostics)
             # beta: the write strength the state actually gets (purified: b * (1 - rho));
@@ -129,24 +135,14 @@ class TDGD(nn.Module):
             rho = torch.sigmoid(self.s_rho * (k * km).sum(-1) + self.b_rho) if self.memory else \
                 torch.zeros_like(gates.beta)
             record = {"S": state, "k": k, "v": v, "o": o, "beta": gates.beta, "rho": rho}
-        return y, record
+        return y, record, None if cache is None else {"conv": conv_buf, "S": state}
 
-    # ---- streaming: O(1) per event ----
     def init_cache(self, B: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """The start of B sequences: zero conv buffer and zero state (float32, see gated_delta_rule)."""
         return {
             "conv": self.conv.init_buffer(B, device, dtype),
             "S": torch.zeros(B, self.H, self.K, self.V, device=device, dtype=torch.float32),
         }
-
-    def step(self, h, m, phi, valid, cache):
-        """h [B, D], m [B, D] | None, phi [B], valid [B] bool -> (y [B, D], new cache)."""
-        u = self.norm(h)[:, None]  # add the time axis: [B, 1, D]
-        x = self.w_in(u)  # [B, 1, n_in]
-        conv_out, buf = self.conv.step(x[:, 0, : self.n_conv], cache["conv"])
-        q, k, v, og, gate_x = self._split(x, conv_out[:, None])
-        y, _, S, _ = self._mix(u, q, k, v, og, gate_x, None if m is None else m[:, None], phi[:, None],
-                               valid[:, None], cache["S"], True, "recurrent")
-        return y[:, 0], {"conv": buf, "S": S}
 
 
 def recurring_codes(codes: torch.Tensor, mask: torch.Tensor, n_codes: int) -> torch.Tensor:
@@ -180,13 +176,19 @@ class SinkRecBlock(nn.Module):
         self.ffn = SwiGLU(d_model, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, h, phi, mask, return_record: bool = False):
-        """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, coverage loss, record | None)."""
-        m, commit, codes = None, h.new_zeros(()), None
+    def forward(self, h, phi, mask, return_record: bool = False, cache: dict | None = None):
+        """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, coverage loss, record | None,
+        cache | None). `cache` (init_cache) continues the sequences from a previous window."""
+        m, commit, codes, new = None, h.new_zeros(()), None, None if cache is None else {}
         if self.memory is not None:
-            h, m, commit, codes = self.memory(h, mask)
+            h, m, commit, codes, buf = self.memory(h, mask, None if cache is None else cache["memory"])
+            if cache is not None:
+                new["memory"] = buf
         supervise = self.memory is not None and self.coverage_weight > 0 and self.training
-        y, record = self.tdgd(h, m, phi, mask, return_record or supervise)
+        y, record, tdgd_cache = self.tdgd(h, m, phi, mask, return_record or supervise,
+                                          None if cache is None else cache["tdgd"])
+        if cache is not None:
+            new["tdgd"] = tdgd_cache
         coverage = h.new_zeros(())
         if supervise:
             target = recurring_codes(codes, mask, self.n_codes).to(record["rho"].dtype)  # [B, T]
@@ -199,19 +201,10 @@ class SinkRecBlock(nn.Module):
             record = None
         elif record is not None:
             record["codes"] = codes
-        return h, commit, coverage, record
+        return h, commit, coverage, record, new
 
     def init_cache(self, B: int, device=None, dtype=torch.float32) -> dict:
         cache = {"tdgd": self.tdgd.init_cache(B, device, dtype)}
         if self.memory is not None:
             cache["memory"] = self.memory.init_buffer(B, device, dtype)
         return cache
-
-    def step(self, h, phi, valid, cache):
-        """h [B, D] -> (h [B, D], new cache)."""
-        new, m = {}, None
-        if self.memory is not None:
-            h, m, new["memory"] = self.memory.step(h, valid, cache["memory"])
-        y, new["tdgd"] = self.tdgd.step(h, m, phi, valid, cache["tdgd"])
-        h = h + self.dropout(y)
-        return h + self.ffn(h), new

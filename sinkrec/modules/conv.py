@@ -23,17 +23,21 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, buf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, C] -> (y [B, T, C], the buffer after x | None).
+
+        `buf` [B, W - 1, C] holds the inputs just before x (a previous window of the same sequences);
+        None means zeros, the start of a sequence. The new buffer is returned only when `buf` is given,
+        so a window-by-window pass that carries it equals one pass over the whole sequence."""
         C = x.shape[-1]
-        x = F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))  # [B, C, T + W - 1]
-        return F.conv1d(x, self.weight, groups=C).transpose(1, 2)  # [B, T, C]
+        if buf is None:
+            xp = F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))  # [B, C, T + W - 1]
+        else:
+            xp = torch.cat([buf.to(x.dtype), x], dim=1).transpose(1, 2)
+        y = F.conv1d(xp, self.weight, groups=C).transpose(1, 2)  # [B, T, C]
+        new_buf = None if buf is None else xp[..., xp.shape[-1] - (self.kernel_size - 1):].transpose(1, 2)
+        return y, new_buf
 
     def init_buffer(self, B: int, device=None, dtype=None) -> torch.Tensor:
         """The last W-1 inputs, oldest first: [B, W - 1, C]."""
         return torch.zeros(B, self.kernel_size - 1, self.channels, device=device, dtype=dtype)
-
-    def step(self, x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One event. x: [B, C], buf: [B, W - 1, C] -> (y [B, C], new buf)."""
-        window = torch.cat([buf, x[:, None]], dim=1)  # [B, W, C]
-        y = torch.einsum("bwc,cw->bc", window, self.weight[:, 0])
-        return y, window[:, 1:]

@@ -13,7 +13,9 @@ pattern conv learns to stay near its codes through the commitment loss ||z - sg(
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,24 @@ from torch import nn
 
 from sinkrec.modules.conv import ShortConv
 from sinkrec.modules.norms import RMSNorm
+
+
+_RECOMPUTE = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks activation-checkpoint recomputation (torch.utils.checkpoint's context_fn): a forward
+    that runs a second time must not collect its patterns a second time."""
+    _RECOMPUTE.depth = getattr(_RECOMPUTE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _RECOMPUTE.depth -= 1
+
+
+def _recomputing() -> bool:
+    return getattr(_RECOMPUTE, "depth", 0) > 0
 
 
 def _dist_ready() -> bool:
@@ -84,6 +104,7 @@ class RVQMemory(nn.Module):
         self.w_g = nn.Linear(d_model, d_model, bias=False)
         self.norm_h = RMSNorm(d_model)
         self.norm_m = RMSNorm(d_model)
+        self._deferred: list[torch.Tensor] | None = None  # patterns awaiting the codebook update
 
     # ---- pattern, quantisation, memory value ----
     def pattern(self, conv_out: torch.Tensor) -> torch.Tensor:
@@ -100,33 +121,50 @@ class RVQMemory(nn.Module):
         gate = torch.sigmoid((self.norm_h(h) * self.norm_m(self.w_g(m))).sum(-1, keepdim=True) / math.sqrt(self.d_model))
         return h + gate * self.w_r(m)
 
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, buf: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """h [B, T, D], mask [B, T], buf = the pattern conv's buffer from a previous window (or None)
+        -> (h', m, commit, codes, the buffer after this window | None)."""
         B, T = h.shape[:2]
         # h is detached: the commitment loss trains the pattern conv only. With its gradient
         # reaching h it pulled the whole backbone onto a few codes (level-0 utilisation fell to
         # 25% within 40 steps on habit+drift data, and the CE was worse); see docs/MODEL.md.
-        z = self.pattern(self.pattern_conv(h.detach()))  # [B, T, D]
+        conv, buf = self.pattern_conv(h.detach(), buf)
+        z = self.pattern(conv)  # [B, T, D]
         z_valid = z[mask]  # [N, D], pads excluded from codes statistics and the loss
         if self.training:
-            self._ema_update(z_valid.detach())
+            if self._deferred is None:
+                self._ema_update(z_valid.detach())
+            elif not _recomputing():
+                self._deferred.append(z_valid.detach())
         with torch.no_grad():
             codes_valid, quant, _ = rvq_encode(z_valid.detach(), self.codebooks)
         commit = F.mse_loss(z_valid.float(), quant) if z_valid.shape[0] else z.sum() * 0.0
         codes = torch.zeros(B, T, self.n_levels, dtype=torch.long, device=h.device)
         codes[mask] = codes_valid
         m = self.lookup(codes) * mask[..., None].to(h.dtype)  # [B, T, D], zero at pads
-        return self.reinject(h, m), m, commit, codes
+        return self.reinject(h, m), m, commit, codes, buf
+
+    # ---- deferred codebook updates (window-by-window training) ----
+    # Training a batch window by window recomputes each window's forward in the backward pass
+    # (activation checkpointing). The codebooks must then stay fixed between a window's forward and its
+    # recompute, so in that mode every memory collects the step's patterns and updates its codebooks
+    # once, after the backward (`flush_codebook_updates`): one EMA step per block and optimizer step,
+    # from all of the step's patterns, on every rank alike (the all-reduce count does not depend on
+    # how many windows a rank's batch had).
+    def defer_updates(self) -> None:
+        self._deferred = []
+
+    def flush_updates(self) -> None:
+        if self._deferred is None:
+            return
+        z = torch.cat(self._deferred) if self._deferred else self.codebooks.new_zeros(0, self.d_model)
+        self._deferred = []
+        self._ema_update(z)
 
     # ---- streaming ----
     def init_buffer(self, B: int, device=None, dtype=None) -> torch.Tensor:
         return self.pattern_conv.init_buffer(B, device, dtype)
-
-    def step(self, h: torch.Tensor, valid: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One event. h: [B, D], valid: [B] bool -> (h' [B, D], m [B, D], buf)."""
-        conv, buf = self.pattern_conv.step(h, buf)
-        codes, _, _ = rvq_encode(self.pattern(conv).detach(), self.codebooks)  # [B, L]
-        m = self.lookup(codes) * valid[:, None].to(h.dtype)
-        return self.reinject(h, m), m, buf
 
     # ---- codebook learning (EMA k-means + dead-code restart), DDP-safe ----
     @torch.no_grad()
