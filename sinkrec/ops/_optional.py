@@ -9,10 +9,10 @@ The backends import their package lazily, when they are used, and fail there wit
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 
-@lru_cache(maxsize=None)
+@cache
 def available(*packages: str) -> bool:
     """True when every one of `packages` is importable (checked without importing them)."""
     return all(importlib.util.find_spec(name) is not None for name in packages)

@@ -7,6 +7,7 @@ its file so that neither fla/__init__ nor Triton is executed (fla's kernels cann
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import weakref
 from pathlib import Path
 
@@ -358,3 +359,130 @@ def test_input_checks(mutate, match):
     mutate(args)
     with pytest.raises((ValueError, TypeError), match=match):
         gated_delta_rule(**args)
+
+
+# ---- packed sequences (cu_seqlens, fla's convention) ----
+# lengths around the chunk size 64, length-1 sequences, and an empty one
+PACKED_LENGTHS = [1, 63, 64, 65, 1, 0, 130, 7]
+
+
+def _packed_inputs(lengths, H=2, K=16, V=32, seed=41):
+    """B = 1 packed inputs [1, sum(lengths), H, *], per-sequence initial states [N, H, K, V], cu_seqlens."""
+    q, k, v, g, beta, _ = make_inputs(1, sum(lengths), H, K, V, seed=seed)
+    h0 = torch.randn(len(lengths), H, K, V, generator=torch.Generator().manual_seed(seed + 1))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return [q, k, v, g, beta, h0], cu
+
+
+def _one_by_one(cu, backend):
+    """Each packed sequence run on its own (B = 1, its own initial state), outputs concatenated."""
+
+    def fn(q, k, v, g, beta, h0):
+        bounds = cu.tolist()
+        outs, finals = [], []
+        for i, (bos, eos) in enumerate(itertools.pairwise(bounds)):
+            o, ht = gated_delta_rule(*(x[:, bos:eos] for x in (q, k, v, g, beta)), initial_state=h0[i : i + 1],
+                                     output_final_state=True, backend=backend)
+            outs.append(o)
+            finals.append(ht)
+        return torch.cat(outs, dim=1), torch.cat(finals)
+
+    return fn
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "chunk"])
+def test_packed_equals_each_sequence_alone(backend):
+    inputs, cu = _packed_inputs(PACKED_LENGTHS)
+    T, H, V = inputs[2].shape[1:]
+    K = inputs[0].shape[-1]
+    do, dht = torch.randn(1, T, H, V), torch.randn(len(PACKED_LENGTHS), H, K, V)
+    ref = run_with_grads(_one_by_one(cu, "recurrent"), inputs, do, dht)
+    got = run_with_grads(ours(backend, cu_seqlens=cu), inputs, do, dht)
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+    # the empty sequence keeps its initial state, and passes its gradient straight back
+    empty = PACKED_LENGTHS.index(0)
+    assert torch.equal(got[1][empty], inputs[5][empty]) and torch.equal(got[7][empty], dht[empty])
+
+
+def test_packed_chunk_matches_recurrent_without_state_across_groups(monkeypatch):
+    # the training call (no initial / final state), one chunk-head per group so that every
+    # sequence boundary is also a group boundary in both walks; int64 offsets
+    monkeypatch.setattr(chunk_mod, "GROUP_CHUNK_HEADS", 1)
+    lengths = [70, 1, 64, 129, 3]
+    (q, k, v, g, beta, _), cu = _packed_inputs(lengths, H=2, K=8, V=8, seed=43)
+    do = torch.randn(1, sum(lengths), 2, 8)
+    res = {}
+    for backend in ("recurrent", "chunk"):
+        xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+        o, ht = gated_delta_rule(*xs, cu_seqlens=cu.long(), backend=backend)
+        assert ht is None
+        (o * do).sum().backward()
+        res[backend] = [o.detach()] + [x.grad for x in xs]
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dg", "dbeta"], res["chunk"], res["recurrent"]):
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+
+
+def test_packed_state_does_not_cross_a_boundary():
+    # the second sequence's outputs do not depend on the first sequence's inputs at all
+    (q, k, v, g, beta, _), cu = _packed_inputs([50, 30], H=1, K=8, V=8, seed=47)
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    o, _ = gated_delta_rule(*xs, cu_seqlens=cu, backend="chunk")
+    o[:, 50:].sum().backward()
+    for name, x in zip(["q", "k", "v", "g", "beta"], xs):
+        assert x.grad[:, :50].abs().max() == 0, name
+
+
+def test_packed_chunk_function_gradcheck_float64(monkeypatch):
+    # chunk size 4: sequences of 1, 5 (two chunks, one padded), 0 and 4 positions
+    monkeypatch.setattr(chunk_mod, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(chunk_mod, "GROUP_CHUNK_HEADS", 1)
+    lengths = [1, 5, 0, 4]
+    inputs, cu = _packed_inputs(lengths, H=1, K=3, V=2, seed=53)
+    q, k, v, g, beta, h0 = (x.double().requires_grad_() for x in inputs)
+
+    def fn(q, k, v, g, beta, h0):
+        return chunk_mod.ChunkGatedDeltaRuleFunction.apply(q, k, v, g, beta, 0.7, h0, cu)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, g, beta, h0), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_chunk_saves_memory_linear_in_tokens():
+    # one long and many short sequences: what the forward keeps for backward is bounded by the
+    # tokens plus at most one chunk of padding per sequence, not N x the longest length
+    lengths = [2000] + [10] * 20
+    xs, cu = _packed_inputs(lengths, H=2, K=16, V=16, seed=59)
+    xs = [x.requires_grad_() for x in xs[:5]]
+    o, _ = gated_delta_rule(*xs, cu_seqlens=cu, backend="chunk")
+    saved = sum(t.nbytes for t in o.grad_fn.saved_tensors)
+    C = chunk_mod.CHUNK_SIZE
+    slots = sum(-(-n // C) * C for n in lengths)  # 2048 + 20 * 64 = 3328 positions in chunk layout
+    per_slot = 2 * (2 * 16 + 16 + 2) * 4  # H * (q, k, v, gamma, beta) float32
+    n_chunks = slots // C
+    assert saved <= slots * per_slot + n_chunks * 2 * 16 * 16 * 4
+    assert slots < 0.2 * len(lengths) * 2048  # ... which is far below padding every sequence to the longest
+
+
+@pytest.mark.parametrize(
+    "cu, B, match",
+    [
+        ([1, 3, 10], 1, r"cu_seqlens must start at 0 and end at T = 10"),
+        ([0, 3, 9], 1, r"cu_seqlens must start at 0 and end at T = 10.*cu_seqlens\[-1\] = 9"),
+        ([0, 6, 3, 10], 1, r"non-decreasing.*cu_seqlens\[1\] = 6 > cu_seqlens\[2\] = 3"),
+        ([0, 5, 10], 2, r"B must be 1, got B = 2"),
+        ([[0, 5, 10]], 1, r"1-D \[N \+ 1\]"),
+        ([0.0, 5.0, 10.0], 1, "int32 or int64"),
+    ],
+)
+def test_cu_seqlens_checks(cu, B, match):
+    q, k, v, g, beta, _ = make_inputs(B, 10, 2, 4, 6)
+    cu = torch.tensor(cu, dtype=torch.float32 if isinstance(cu[0], float) else torch.int64)
+    with pytest.raises((ValueError, TypeError), match=match):
+        gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)
+
+
+def test_cu_seqlens_initial_state_is_one_per_sequence():
+    q, k, v, g, beta, h0 = make_inputs(1, 10, 2, 4, 6)  # h0: [1, H, K, V], but there are 3 sequences
+    with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\] = \(3, 2, 4, 6\)"):
+        gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=torch.tensor([0, 2, 5, 10]))

@@ -46,6 +46,7 @@ def _check_inputs(
     g: torch.Tensor,
     beta: torch.Tensor,
     initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> None:
     named = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     if initial_state is not None:
@@ -78,11 +79,48 @@ def _check_inputs(
             )
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"gated_delta_rule: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
+    n_states = B if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, q)
+    if initial_state is not None and initial_state.shape != (n_states, H, K, V):
+        lead = "B" if cu_seqlens is None else "N"
         raise ValueError(
-            f"gated_delta_rule: initial_state must be [B, H, K, V] = {(B, H, K, V)}, "
-            f"got {tuple(initial_state.shape)} (state is K x V: keys index rows)"
+            f"gated_delta_rule: initial_state must be [{lead}, H, K, V] = {(n_states, H, K, V)}, "
+            f"got {tuple(initial_state.shape)} (state is K x V: keys index rows"
+            + ("" if cu_seqlens is None else "; one state per packed sequence, N = len(cu_seqlens) - 1")
+            + ")"
         )
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, q: torch.Tensor) -> int:
+    """Checks fla's packing convention; returns the number of sequences N."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise TypeError(f"gated_delta_rule: cu_seqlens must be an int32 or int64 tensor, got {got}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            "gated_delta_rule: cu_seqlens must be 1-D [N + 1] (cumulative sequence starts, N >= 1), "
+            f"got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"gated_delta_rule: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    B, T = q.shape[:2]
+    if B != 1:
+        raise ValueError(
+            f"gated_delta_rule: with cu_seqlens the sequences are packed along T and B must be 1, "
+            f"got B = {B} (flatten the batch: x.reshape(1, B * T, ...), cu_seqlens = arange(B + 1) * T)"
+        )
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != T:
+        raise ValueError(
+            f"gated_delta_rule: cu_seqlens must start at 0 and end at T = {T} (the packed length), "
+            f"got cu_seqlens[0] = {bounds[0]}, cu_seqlens[-1] = {bounds[-1]}"
+        )
+    bad = next((i for i in range(len(bounds) - 1) if bounds[i + 1] < bounds[i]), None)
+    if bad is not None:
+        raise ValueError(
+            f"gated_delta_rule: cu_seqlens must be non-decreasing (cumulative starts), got "
+            f"cu_seqlens[{bad}] = {bounds[bad]} > cu_seqlens[{bad + 1}] = {bounds[bad + 1]}"
+        )
+    return len(bounds) - 1
 
 
 def gated_delta_rule(
@@ -95,6 +133,7 @@ def gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""Gated delta rule (Gated DeltaNet), flash-linear-attention conventions.
@@ -122,9 +161,15 @@ def gated_delta_rule(
             multiplies q; `1 / sqrt(K)` when None.
         initial_state (Optional[torch.Tensor]):
             `[B, H, K, V]` state before the first position (e.g. the final state of the previous
-            piece of the sequence). Zeros when None. Receives gradients.
+            piece of the sequence); `[N, H, K, V]`, one per sequence, with `cu_seqlens`. Zeros when
+            None. Receives gradients.
         output_final_state (bool):
-            also return the state after the last position.
+            also return the state after the last position (of each sequence, with `cu_seqlens`).
+        cu_seqlens (Optional[torch.Tensor]):
+            int32 / int64 `[N + 1]`, fla's packing: with B = 1, the T axis holds N sequences back to
+            back, sequence i at positions cu_seqlens[i]:cu_seqlens[i + 1] (so cu_seqlens[0] = 0,
+            cu_seqlens[-1] = T, non-decreasing). Each sequence starts from its own initial state,
+            and no state crosses a boundary. Equals running each sequence on its own.
         backend (str):
             "auto" | "recurrent" | "chunk" | "fla" (see module docstring). All compute in float32
             (float64 inputs stay float64), whatever the input dtype.
@@ -133,10 +178,10 @@ def gated_delta_rule(
         o (torch.Tensor):
             `[B, T, H, V]` in the dtype of v.
         final_state (Optional[torch.Tensor]):
-            `[B, H, K, V]` in float32 (float64 for float64 inputs) if `output_final_state` else None.
+            `[B, H, K, V]` (`[N, H, K, V]` with `cu_seqlens`) in float32 (float64 for float64 inputs) if `output_final_state` else None.
             Kept at full precision so a stream of T=1 calls does not round the state every event.
     """
-    _check_inputs(q, k, v, g, beta, initial_state)
+    _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     impl = _IMPLS[resolve_backend(backend, q)]
@@ -152,5 +197,6 @@ def gated_delta_rule(
             scale=scale,
             initial_state=initial_state,
             output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
         )
     return o.to(v.dtype), final_state

@@ -17,8 +17,13 @@ all B*H sequence-heads) at once: batched [G, B*H, C, C] / [G, B*H, C, K] matmuls
 triangular inverse. Only the state hand-off S0 -> S_C is a Python loop over the chunks (three
 small ops per chunk).
 
+Packed sequences (`cu_seqlens`, B = 1): each sequence is laid out from a fresh chunk and
+zero-padded to whole chunks (`_Packed`), so the per-chunk math above is unchanged; the state walk
+starts each sequence's first chunk from that sequence's initial state and writes its last chunk's
+leaving state to that sequence's final state. At most C - 1 padding positions per sequence.
+
 The backward is hand-written (`ChunkGatedDeltaRuleFunction`): the forward saves the inputs (in
-chunk layout) and the N+1 chunk-boundary states, O(T/C * K * V); the backward walks the chunk
+chunk layout) and the N chunk-entering states, O(T/C * K * V); the backward walks the chunk
 groups in reverse and recomputes each group's factors, so at any time only one group's C x C
 temporaries exist and memory grows linearly in T with a small constant. Only exp of
 gamma_i - gamma_j (j <= i), of gamma and of gamma_C - gamma are taken, never exp(-gamma), so a
@@ -71,14 +76,71 @@ def _from_chunks(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return out
 
 
-def _prepare(q, k, v, g, beta, scale: float, C: int):
+class _Packed:
+    """Chunk layout of B = 1 packed sequences (`cu_seqlens`): every sequence starts a fresh chunk
+    and is zero-padded to a whole number of chunks, so no chunk holds two sequences and the per-chunk
+    math is that of one sequence; only the state hand-off between chunks resets at a boundary.
+    Costs at most C - 1 padding positions per sequence, not N x the longest length.
+
+    slots [T]: where token t lands in the flat [N_chunks * C] layout; first / last / seq: per
+    chunk, whether it starts / ends its sequence and which sequence it belongs to (Python lists,
+    read by the state loops); n_chunks: total chunks."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, C: int) -> None:
+        cu = cu_seqlens.to(device="cpu", dtype=torch.long)
+        lens = cu[1:] - cu[:-1]  # [N]
+        per_seq = (lens + C - 1) // C  # chunks of each sequence
+        start_chunk = torch.cumsum(per_seq, 0) - per_seq  # [N] first chunk of each sequence
+        T = int(cu[-1])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens)  # [T]
+        slots = start_chunk[seq_of_token] * C + torch.arange(T) - cu[:-1][seq_of_token]
+        self.slots = slots.to(cu_seqlens.device)
+        self.n_chunks = int(per_seq.sum())
+        self.seq = torch.repeat_interleave(torch.arange(len(lens)), per_seq).tolist()
+        self.first = [False] * self.n_chunks
+        self.last = [False] * self.n_chunks
+        for s0, n in zip(start_chunk.tolist(), per_seq.tolist()):
+            if n:
+                self.first[s0], self.last[s0 + n - 1] = True, True
+
+    def to_chunks(self, x: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+        """[1, T, H, D] -> [N_chunks, H, C, D] in `dtype`, zero-padded per sequence; one copy."""
+        H, D = x.shape[2:]
+        out = torch.zeros(self.n_chunks, H, C, D, dtype=dtype, device=x.device)
+        out.permute(0, 2, 1, 3)[self.slots // C, self.slots % C] = x[0].to(dtype)
+        return out
+
+    def from_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """[N_chunks, H, C, D] -> [1, T, H, D] (drops the padding); one gather."""
+        C = x.shape[2]
+        return x.permute(0, 2, 1, 3)[self.slots // C, self.slots % C][None]
+
+    def from_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, N_chunks * C, H, D] -> [1, T, H, D]."""
+        return x[:, self.slots]
+
+
+class _Padded:
+    """Chunk layout of B equal-length sequences folded into B*H rows (each row one sequence): the
+    chunk bookkeeping of `_Packed` for the unpacked case (one sequence per row, chunks 0..N-1)."""
+
+    def __init__(self, T: int, C: int) -> None:
+        self.n_chunks = -(-T // C)
+        self.seq = [0] * self.n_chunks
+        self.first = [n == 0 for n in range(self.n_chunks)]
+        self.last = [n == self.n_chunks - 1 for n in range(self.n_chunks)]
+
+
+def _prepare(q, k, v, g, beta, scale: float, C: int, packed: _Packed | None):
     """Inputs in chunk layout and the accumulation dtype; g becomes its within-chunk cumsum gamma."""
     acc = torch.promote_types(v.dtype, torch.float32)
-    q = _to_chunks(q, C, acc).mul_(scale)  # [N, B*H, C, K]
-    k = _to_chunks(k, C, acc)  # [N, B*H, C, K]
-    v = _to_chunks(v, C, acc)  # [N, B*H, C, V]
-    gamma = _to_chunks(g[..., None], C, acc)[..., 0].cumsum_(-1)  # [N, B*H, C]
-    beta = _to_chunks(beta[..., None], C, acc)[..., 0]  # [N, B*H, C]
+    conv = _to_chunks if packed is None else packed.to_chunks
+    q = conv(q, C, acc).mul_(scale)  # [N, B*H, C, K]
+    k = conv(k, C, acc)  # [N, B*H, C, K]
+    v = conv(v, C, acc)  # [N, B*H, C, V]
+    # every chunk holds one sequence (packed: padded per sequence), so the cumsum never crosses one
+    gamma = conv(g[..., None], C, acc)[..., 0].cumsum_(-1)  # [N, B*H, C]
+    beta = conv(beta[..., None], C, acc)[..., 0]  # [N, B*H, C]
     return q, k, v, gamma, beta
 
 
@@ -152,25 +214,27 @@ def _intra_chunk(q, k, v, gamma, beta):
     return M, A, Tinv, W, P, qg, kd
 
 
-def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None):
+def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, chunks: _Padded | _Packed,
+                               n_seq: int = 1):
     """Chunk-layout forward.
 
     Args:
         q, k: [N, B*H, C, K] (q already scaled); v: [N, B*H, C, V]; gamma, beta: [N, B*H, C]
-        h0: [B*H, K, V] or None
+        h0: [S, B*H, K, V] or None, the initial state of each of the S sequences (S = 1 unpacked)
+        chunks: which chunks start / end a sequence, and which sequence each belongs to
+        n_seq: S, the number of sequences
 
     Returns:
         o: [N, B*H, C, V]
-        states: [N+1, B*H, K, V] chunk-boundary states: states[n] enters chunk n, states[N] is final
+        states: [N, B*H, K, V] the state entering each chunk
+        final: [S, B*H, K, V] the state after each sequence's last position
     """
     N, BH, _, K = k.shape
     V = v.shape[-1]
     o = torch.empty_like(v)
-    states = q.new_empty(N + 1, BH, K, V)
-    if h0 is None:
-        states[0].zero_()
-    else:
-        states[0] = h0
+    states = q.new_empty(N, BH, K, V)
+    # a sequence with no positions (packed) keeps its initial state
+    final = q.new_zeros(n_seq, BH, K, V) if h0 is None else h0.to(q.dtype, copy=True)
     G = _chunks_per_group(N, BH)
     for s in range(0, N, G):
         e = min(s + G, N)
@@ -178,14 +242,18 @@ def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None):
         U, W_k = W[..., :V].contiguous(), W[..., V:]  # U starts as W_v, becomes W_v - W_k S0 below
         kdT = kd.mT
         decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1] e^{gamma_C}
-        # the only sequential part: hand each chunk's final state to the next
+        # the only sequential part: hand each chunk's final state to the next, starting each
+        # sequence from its own initial state
         for i, n in enumerate(range(s, e)):
+            if chunks.first[n]:
+                states[n] = final[chunks.seq[n]]  # its initial state (zero if none)
             U[i].baddbmm_(W_k[i], states[n], alpha=-1)
-            torch.mul(states[n], decay[i], out=states[n + 1])
-            states[n + 1].baddbmm_(kdT[i], U[i])
+            out = final[chunks.seq[n]] if chunks.last[n] else states[n + 1]
+            torch.mul(states[n], decay[i], out=out)
+            out.baddbmm_(kdT[i], U[i])
         torch.matmul(qg, states[s:e], out=o[s:e])
         o[s:e].add_(P @ U)
-    return o, states
+    return o, states, final
 
 
 def _chunk_grads(q, k, v, gamma, beta, S0, dS1, do, dU, M, A, Tinv, W, P, qg, kd):
@@ -236,33 +304,32 @@ def _chunk_grads(q, k, v, gamma, beta, S0, dS1, do, dU, M, A, Tinv, W, P, qg, kd
     return dq, dk, dv, dg, dbeta
 
 
-def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: float, B: int, T: int):
-    """Gradients of (o, final state) from the chunk-layout inputs saved by the forward.
+def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: float, B: int, T: int,
+                               chunks: _Padded | _Packed, packed: _Packed | None, n_seq: int):
+    """Gradients of (o, final states) from the chunk-layout inputs saved by the forward.
 
     Walks the chunk groups backwards, recomputing each group's factors, and writes each group's
-    gradients straight into [B, N*C, H, *] buffers (sliced to T on return).
+    gradients straight into [B, N*C, H, *] buffers (cut back to the T real positions on return).
 
     Args:
         q, k, v, gamma, beta, states: as saved by `ChunkGatedDeltaRuleFunction.forward`
-        do: [B, T, H, V]; dht: [B, H, K, V] or None
+        do: [B, T, H, V]; dht: [S, B*H, K, V] or None (gradient w.r.t. each sequence's final state)
 
     Returns:
-        dq, dk: [B, T, H, K]; dv: [B, T, H, V]; dg, dbeta: [B, T, H]; dh0: [B, H, K, V]
+        dq, dk: [B, T, H, K]; dv: [B, T, H, V]; dg, dbeta: [B, T, H]; dh0: [S, B*H, K, V]
     """
     N, BH, C, K = k.shape
     V = v.shape[-1]
     H = BH // B
-    do = _to_chunks(do, C, q.dtype)  # [N, B*H, C, V]
+    do = _to_chunks(do, C, q.dtype) if packed is None else packed.to_chunks(do, C, q.dtype)  # [N, B*H, C, V]
     dq, dk = q.new_empty(B, N * C, H, K), q.new_empty(B, N * C, H, K)
     dv = q.new_empty(B, N * C, H, V)
     dg, dbeta = q.new_empty(B, N * C, H, 1), q.new_empty(B, N * C, H, 1)
     grad_views = [_chunk_view(x, C) for x in (dq, dk, dv, dg, dbeta)]  # [N, B, H, C, *] views
-    # dS[n]: gradient w.r.t. the state entering chunk n (dS[N]: w.r.t. the final state)
-    dS = q.new_empty(N + 1, BH, K, V)
-    if dht is None:
-        dS[N].zero_()
-    else:
-        dS[N] = dht.reshape(BH, K, V)
+    # dS[n]: gradient w.r.t. the state entering chunk n; dh0[s]: w.r.t. sequence s's initial state
+    dS = q.new_empty(N, BH, K, V)
+    dht = q.new_zeros(n_seq, BH, K, V) if dht is None else dht
+    dh0 = dht.clone()  # a sequence with no positions passes its final-state gradient straight back
     G = _chunks_per_group(N, BH)
     for s in reversed(range(0, N, G)):
         e = min(s + G, N)
@@ -270,33 +337,48 @@ def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: flo
         M, A, Tinv, W, P, qg, kd = _intra_chunk(*args)
         W_kT = W[..., V:].mT
         decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1]
+        dS1 = q.new_empty(e - s, BH, K, V)  # gradient w.r.t. the state leaving each chunk
         # reverse state walk: each chunk adds its direct read-out term qg^T dO and passes on
-        #   dU_n = P^T dO + kd dS_{n+1},   dS_n = e^{gamma_C} dS_{n+1} + qg^T dO - W_k^T dU_n
+        #   dU_n = P^T dO + kd dS1_n,   dS_n = e^{gamma_C} dS1_n + qg^T dO - W_k^T dU_n
         torch.matmul(qg.mT, do[s:e], out=dS[s:e])
         dU = P.mT @ do[s:e]  # [G, B*H, C, V]
         for i in reversed(range(e - s)):
             n = s + i
-            dU[i].baddbmm_(kd[i], dS[n + 1])
-            dS[n].addcmul_(dS[n + 1], decay[i]).baddbmm_(W_kT[i], dU[i], alpha=-1)
-        grads = _chunk_grads(*args, states[s:e], dS[s + 1 : e + 1], do[s:e], dU, M, A, Tinv, W, P, qg, kd)
+            dS1[i] = dht[chunks.seq[n]] if chunks.last[n] else dS[n + 1]
+            dU[i].baddbmm_(kd[i], dS1[i])
+            dS[n].addcmul_(dS1[i], decay[i]).baddbmm_(W_kT[i], dU[i], alpha=-1)
+            if chunks.first[n]:
+                dh0[chunks.seq[n]] = dS[n]
+        grads = _chunk_grads(*args, states[s:e], dS1, do[s:e], dU, M, A, Tinv, W, P, qg, kd)
         grads[0].mul_(scale)  # q entered as scale * q
         for view, grad in zip(grad_views, grads):
             view[s:e] = grad.view(e - s, B, H, C, -1)
-    return dq[:, :T], dk[:, :T], dv[:, :T], dg[:, :T, :, 0], dbeta[:, :T, :, 0], dS[0].view(B, H, K, V)
+    if packed is None:
+        dq, dk, dv, dg, dbeta = (x[:, :T] for x in (dq, dk, dv, dg, dbeta))
+    else:
+        dq, dk, dv, dg, dbeta = (packed.from_flat(x) for x in (dq, dk, dv, dg, dbeta))
+    return dq, dk, dv, dg[..., 0], dbeta[..., 0], dh0
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale: float, initial_state: torch.Tensor | None):
+    def forward(ctx, q, k, v, g, beta, scale: float, initial_state: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None = None):
         B, T, H, K, V = *k.shape, v.shape[-1]
-        qc, kc, vc, gamma, betac = _prepare(q, k, v, g, beta, scale, CHUNK_SIZE)
-        h0 = None if initial_state is None else initial_state.reshape(B * H, K, V)
-        o, states = chunk_gated_delta_rule_fwd(qc, kc, vc, gamma, betac, h0)
-        # the inputs (in chunk layout, so the backward need not convert them again) and the N+1
-        # boundary states; the backward recomputes every per-chunk factor from these
+        packed = None if cu_seqlens is None else _Packed(cu_seqlens, CHUNK_SIZE)
+        chunks = _Padded(T, CHUNK_SIZE) if packed is None else packed
+        n_seq = 1 if packed is None else len(cu_seqlens) - 1
+        qc, kc, vc, gamma, betac = _prepare(q, k, v, g, beta, scale, CHUNK_SIZE, packed)
+        # states of the rows [B*H] of each sequence: unpacked, one sequence of B*H rows; packed
+        # (B = 1), N sequences of H rows
+        h0 = None if initial_state is None else initial_state.reshape(n_seq, B * H, K, V)
+        o, states, final = chunk_gated_delta_rule_fwd(qc, kc, vc, gamma, betac, h0, chunks, n_seq)
+        # the inputs (in chunk layout, so the backward need not convert them again) and the
+        # chunk-entering states; the backward recomputes every per-chunk factor from these
         ctx.save_for_backward(qc, kc, vc, gamma, betac, states)
         ctx.shape = (B, T)
         ctx.scale = scale
+        ctx.chunks, ctx.packed, ctx.n_seq = chunks, packed, n_seq
         ctx.dtypes = (
             q.dtype,
             k.dtype,
@@ -306,20 +388,26 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             None if initial_state is None else initial_state.dtype,
         )
         ctx.set_materialize_grads(False)
-        return _from_chunks(o, B, T), states[-1].view(B, H, K, V)
+        o = _from_chunks(o, B, T) if packed is None else packed.from_chunks(o)
+        return o, final.view(n_seq * B, H, K, V)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dht):
         q, k, v, gamma, beta, states = ctx.saved_tensors
         B, T = ctx.shape
+        H, K, V = k.shape[1] // B, k.shape[-1], v.shape[-1]
         if do is None:  # only the final state was used
-            do = q.new_zeros(B, T, k.shape[1] // B, v.shape[-1])
-        grads = chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, ctx.scale, B, T)
+            do = q.new_zeros(B, T, H, V)
+        if dht is not None:
+            dht = dht.to(q.dtype).reshape(ctx.n_seq, B * H, K, V)
+        grads = chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, ctx.scale, B, T,
+                                           ctx.chunks, ctx.packed, ctx.n_seq)
+        grads = (*grads[:5], grads[5].view(ctx.n_seq * B, H, K, V))
         dq, dk, dv, dg, dbeta, dh0 = (
             None if dtype is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)
         )
-        return dq, dk, dv, dg, dbeta, None, dh0
+        return dq, dk, dv, dg, dbeta, None, dh0, None
 
 
 def chunk_gated_delta_rule(
@@ -331,7 +419,8 @@ def chunk_gated_delta_rule(
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as `recurrent_gated_delta_rule` (see `sinkrec.ops.gated_delta_rule` for docs)."""
-    o, final_state = ChunkGatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state)
+    o, final_state = ChunkGatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)

@@ -18,6 +18,7 @@ def fla_gated_delta_rule(
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same contract as `recurrent_gated_delta_rule`; inputs must be CUDA tensors."""
     if not q.is_cuda:
@@ -42,4 +43,5 @@ def fla_gated_delta_rule(
         scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),  # fla's type: LongTensor
     )

@@ -5,6 +5,8 @@ Also the streaming-inference path: with T=1 and `initial_state` it costs O(H*K*V
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -17,6 +19,7 @@ def recurrent_gated_delta_rule(
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
     Args:
@@ -25,12 +28,23 @@ def recurrent_gated_delta_rule(
         g: [B, T, H] log decay
         beta: [B, T, H]
         scale: multiplies q
-        initial_state: [B, H, K, V], optional
+        initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens), optional
+        cu_seqlens: [N + 1] sequence starts in T (B = 1): each sequence runs from its own initial state
 
     Returns:
         o: [B, T, H, V] in the accumulation dtype (float32, or float64 for float64 inputs)
-        final_state: [B, H, K, V] in the accumulation dtype if output_final_state else None
+        final_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens) in the accumulation dtype if
+            output_final_state else None
     """
+    if cu_seqlens is not None:  # one sequence at a time, each from its own initial state
+        bounds = cu_seqlens.tolist()
+        outs, finals = [], []
+        for i, (bos, eos) in enumerate(itertools.pairwise(bounds)):
+            h0 = None if initial_state is None else initial_state[i : i + 1]
+            o, ht = recurrent_gated_delta_rule(*(x[:, bos:eos] for x in (q, k, v, g, beta)), scale, h0, True)
+            outs.append(o)
+            finals.append(ht)
+        return torch.cat(outs, dim=1), (torch.cat(finals) if output_final_state else None)
     B, T, H, K, V = *k.shape, v.shape[-1]
     # at least fp32 so that the per-step accumulation does not drift; float64 stays float64
     acc = torch.promote_types(v.dtype, torch.float32)
