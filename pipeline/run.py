@@ -1,8 +1,8 @@
 """The whole run: scan -> parse -> dedup -> rating -> k-core -> vocab -> shards + manifest.
 
 Each step is a `LazyFrame -> LazyFrame` function from its own module; this file only wires them.
-The parse step streams the raw input once into staging Parquet files, one folder per shard (the
-user's stable hash), so every per-user step (dedup, time ordering, one row per user) then runs one
+The parse step streams the raw input once into staging Arrow IPC files, one folder per shard (the
+user's stable hash; pipeline/shard.py), so every per-user step (dedup, time ordering, one row per user) then runs one
 shard at a time: peak memory is about events / num_shards, and inputs larger than memory work.
 Global steps (counts, k-core, vocab) are streaming aggregations whose results are small tables.
 After every step the events/users/items counts are logged and kept for the manifest.
@@ -10,7 +10,9 @@ After every step the events/users/items counts are logged and kept for the manif
 The output is built in a hidden sibling directory and renamed into place at the end: an interrupted
 run leaves no partial output, and an existing output is replaced only as a whole. A run holds an
 exclusive lock on `.<out>.lock` beside the output from start to end; a second run on the same output
-refuses at once (the lock is the kernel's: a killed run leaves the file, never the lock).
+refuses at once, or with `wait=True` (`pipeline.prepare`, run by every training process) waits for
+the first and then finds the output up to date (the lock is the kernel's: a killed run leaves the
+file, never the lock).
 """
 
 from __future__ import annotations
@@ -46,37 +48,50 @@ def log_stdout(message: str) -> None:
     print(message, flush=True)
 
 
-def run(cfg: PipelineConfig, log: Log = log_stdout) -> Path:
-    """Build cfg.out unless it is already up to date; returns the output directory."""
+def run(cfg: PipelineConfig, log: Log = log_stdout, wait: bool = False,
+        before: Callable[[], None] | None = None) -> Path:
+    """Build cfg.out unless it is already up to date; returns the output directory.
+
+    wait: if another run holds the output's lock, wait for it instead of refusing.
+    before: called once the lock is held, before anything is read (pipeline.prepare fetches the raw data).
+    """
     out = Path(cfg.out)
-    with _exclusive(out):
+    with _exclusive(out, wait):
+        if before is not None:
+            before()
         return _run(cfg, out, log)
 
 
 @contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold `.<out>.lock` (flock) for the whole run, removed at the end; PipelineError if another run has it."""
+def _exclusive(out: Path, wait: bool = False) -> Iterator[None]:
+    """Hold `.<out>.lock` (flock) for the whole run, removed at the end; if another run has it,
+    PipelineError, or (wait) block until it is released."""
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    while True:
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                raise PipelineError(f"output {out} is being written by another pipeline run (pid {holder}, "
+                                    f"lock {lock}); wait for it to finish, or choose another --out") from None
             # the holder removes the file before releasing it: a lock taken on a removed file is no lock
             if not lock.exists() or os.stat(lock).st_ino != os.fstat(f.fileno()).st_ino:
-                raise BlockingIOError
-        except BlockingIOError:
+                if wait:
+                    continue  # the run we waited for is done: take the lock of a fresh file
+                raise PipelineError(f"output {out} is being written by another pipeline run (lock {lock}); "
+                                    "wait for it to finish, or choose another --out")
             f.seek(0)
-            holder = f.read().strip() or "?"
-            raise PipelineError(f"output {out} is being written by another pipeline run (pid {holder}, "
-                                f"lock {lock}); wait for it to finish, or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)
+            return
 
 
 def _run(cfg: PipelineConfig, out: Path, log: Log) -> Path:

@@ -19,7 +19,6 @@ Rows are grouped by user; each batch of users (about `batch_events` events) is o
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -151,18 +150,15 @@ def generate(cfg: SynthConfig, out: Path, log=print) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.synth", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    for name, f in SynthConfig.__dataclass_fields__.items():
-        required = name in ("users", "items")
-        parser.add_argument("--" + name.replace("_", "-"), type=type(f.default) if not required else int,
-                            required=required, default=None if required else f.default)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
+    """`python -m pipeline.synth --users N --items M [--<field> VALUE ...] --out PATH` (pipeline/cli.py)."""
+    from pipeline.cli import parse
+    from pipeline.errors import PipelineError
+
     try:
-        generate(SynthConfig(**args), out)
-    except ValueError as e:
+        cfg, _, extra = parse(SynthConfig, sys.argv[1:] if argv is None else argv, "python -m pipeline.synth",
+                              __doc__.split("\n\n")[0], extra={"out": str})
+        generate(cfg, Path(extra["out"]))
+    except (ValueError, PipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,14 +1,15 @@
-"""Callbacks: throughput, MLflow artifacts (config, manifest, best checkpoint, metrics, plots), predictions.
+"""Callbacks: throughput, MLflow artifacts (config, manifest, best checkpoint, the model, metrics, sink
+plots), MLflow system metrics, predictions. The CLI lists its defaults in `trainer.callbacks`.
 
 Everything that writes to MLflow runs on global rank 0 only; metric logging itself goes through
-Lightning's MLFlowLogger, which is rank-0-only as well.
+Lightning's MLFlowLogger, which is rank-0-only as well. Artifacts are written with MLflow's
+`log_dict` / `log_text` / `log_figure` (no temp files); the learning curves are the UI's own charts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,13 +106,9 @@ class MLflowSaveConfig(SaveConfigCallback):
         resolved = {"model": dict(pl_module.hparams)}
         params.update(flatten(resolved))
         logger.log_hyperparams(params)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "config.yaml"
-            path.write_text(self.parser.dump(self.config, skip_none=False))
-            logger.experiment.log_artifact(logger.run_id, str(path))
-            path = Path(tmp) / "resolved_model.yaml"
-            path.write_text(yaml.safe_dump(_plain(resolved), sort_keys=False))
-            logger.experiment.log_artifact(logger.run_id, str(path))
+        client = logger.experiment
+        client.log_text(logger.run_id, self.parser.dump(self.config, skip_none=False), "config.yaml")
+        client.log_text(logger.run_id, yaml.safe_dump(_plain(resolved), sort_keys=False), "resolved_model.yaml")
 
 
 def log_dataset_input(client, run_id: str, experiment_id: str, manifest: Path) -> None:
@@ -139,24 +136,45 @@ def log_dataset_input(client, run_id: str, experiment_id: str, manifest: Path) -
                               "`make compare` / `make study` runs are children of a parent run.")
 
 
-class MLflowArtifacts(Callback):
-    """Rank 0: data manifest, best checkpoint, final metrics JSON, learning-curve and sink plots.
+class NextItemScorer(torch.nn.Module):
+    """The trained model as MLflow logs and serves it: one int64 tensor in, scores out.
 
-    Args:
-        manifest: path of the dataset's manifest.json (the CLI fills it from `data.root`).
-        log_checkpoint: upload the best checkpoint to MLflow at the end of fit.
+    inputs [B, 2, T]: channel 0 = item indices (left-padded, 0 = padding), channel 1 = their unix
+    timestamps in seconds -> scores [B, N + 1] of every item for the next event (column 0 = padding).
     """
 
-    def __init__(self, manifest: str | None = None, log_checkpoint: bool = True) -> None:
-        self.manifest, self.log_checkpoint = manifest, log_checkpoint
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        items, ts = inputs[:, 0], inputs[:, 1]  # [B, T] each
+        hidden = self.model(items, ts).hidden[:, -1]  # [B, D], after the most recent event
+        return hidden @ self.model.item_embeddings().T  # [B, N + 1]
+
+
+class MLflowArtifacts(Callback):
+    """Rank 0: data manifest and dataset input, best checkpoint, the model, final metrics, sink plots.
+
+    Args:
+        log_checkpoint: upload the best checkpoint at the end of fit (the CLI's
+            `mlflow.log_checkpoint false` turns it off too).
+        log_model: log the trained model (best checkpoint's weights) as an MLflow model
+            (`mlflow.pytorch.load_model("runs:/<run>/model")`; a `NextItemScorer`).
+    """
+
+    def __init__(self, log_checkpoint: bool = True, log_model: bool = True) -> None:
+        self.log_checkpoint, self.log_model = log_checkpoint, log_model
         self._manifest_logged = False
 
     def _log_manifest(self, trainer: pl.Trainer) -> None:
         logger = mlflow_logger(trainer)
-        if logger is None or self._manifest_logged or not self.manifest or not trainer.is_global_zero:
+        root = getattr(trainer.datamodule, "root", None)
+        if logger is None or self._manifest_logged or root is None or not trainer.is_global_zero:
             return
-        logger.experiment.log_artifact(logger.run_id, self.manifest, "data")
-        log_dataset_input(logger.experiment, logger.run_id, logger.experiment_id, Path(self.manifest))
+        manifest = Path(root) / "manifest.json"
+        logger.experiment.log_artifact(logger.run_id, str(manifest), "data")
+        log_dataset_input(logger.experiment, logger.run_id, logger.experiment_id, manifest)
         self._manifest_logged = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,7 +190,40 @@ class MLflowArtifacts(Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if self.log_checkpoint and best:
             logger.experiment.log_artifact(logger.run_id, best, "checkpoints")
-        self._log_plots(logger)
+        if self.log_model and not trainer.interrupted:
+            self._log_model(trainer, pl_module, logger, best)
+        self._log_sink_plots(logger)
+
+    def _log_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, logger: MLFlowLogger,
+                   best: str) -> None:
+        """The best checkpoint's weights (else the final ones) as the run's logged model `model`, with an
+        input example (two users of the validation data) and its signature."""
+        import copy
+
+        import mlflow
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        model = copy.deepcopy(getattr(pl_module, "model")).cpu().float().eval()
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        batch = next(iter(trainer.datamodule.loader("valid", rank=0, world=1)))
+        example = torch.stack([batch["items"][:2], batch["ts"][:2]], dim=1).long()  # [2, 2, T]
+        scorer = NextItemScorer(model).eval()
+        with torch.no_grad():
+            scores = scorer(example)
+        # log_model is fluent-only: point it at this run's store and experiment (it ends no run)
+        mlflow.set_tracking_uri(logger.experiment.tracking_uri)
+        mlflow.set_experiment(experiment_id=logger.experiment_id)
+        mlflow.pytorch.log_model(scorer, name="model", run_id=logger.run_id, input_example=example.numpy(),
+                                 signature=ModelSignature(  # any batch size and history length
+                                     Schema([TensorSpec(np.dtype(np.int64), (-1, 2, -1), "inputs")]),
+                                     Schema([TensorSpec(np.dtype(np.float32), (-1, scores.shape[1]), "scores")])),
+                                 code_paths=[str(Path(__file__).parent)],  # the package, for loading elsewhere
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "einops"],
+                                 serialization_format="pickle")  # (torch.export cannot trace the recurrent ops)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write_metrics(trainer, "test")
@@ -195,54 +246,61 @@ class MLflowArtifacts(Callback):
                    "run_id": logger.run_id if logger else None,
                    "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
                    "world_size": trainer.world_size}
-        out = Path(trainer.default_root_dir) / f"metrics_{stage}.json"
+        out = Path(trainer.default_root_dir) / f"metrics_{stage}.json"  # read by `make compare`
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=2, sort_keys=True))
         log.info("wrote %s", out)
         if logger is not None:
-            logger.experiment.log_artifact(logger.run_id, str(out))
+            logger.experiment.log_dict(logger.run_id, payload, out.name)
 
-    def _log_plots(self, logger: MLFlowLogger) -> None:
+    def _log_sink_plots(self, logger: MLFlowLogger) -> None:
+        """The sink diagnostics (val/sink/*), one panel each, as plots/sink_diagnostics.png."""
+        client, run_id = logger.experiment, logger.run_id
+        sink = sorted(k for k in client.get_run(run_id).data.metrics if k.startswith("val/sink/"))
+        if not sink:
+            return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        client, run_id = logger.experiment, logger.run_id
-        keys = list(client.get_run(run_id).data.metrics)
+        fig, axes = plt.subplots(1, len(sink), figsize=(4 * len(sink), 3.4), squeeze=False)
+        for ax, k in zip(axes[0], sink):
+            h = sorted(client.get_metric_history(run_id, k), key=lambda m: (m.step, m.timestamp))
+            ax.plot([m.step for m in h], [m.value for m in h], marker="o")
+            ax.set_title(k.removeprefix("val/sink/"))
+            ax.set_xlabel("optimizer step")
+        fig.tight_layout()
+        client.log_figure(run_id, fig, "plots/sink_diagnostics.png")
+        plt.close(fig)
 
-        def history(key: str) -> tuple[list[int], list[float]]:
-            h = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-            return [m.step for m in h], [m.value for m in h]
 
-        panels = [("loss", ["train/loss_step", "train/loss_epoch", "val/loss"]),
-                  ("validation ranking", ["val/hr_10", "val/ndcg_10", "val/mrr"]),
-                  ("learning rate", [k for k in keys if k.startswith("lr-")])]
-        sink = sorted(k for k in keys if k.startswith("val/sink/"))
-        with tempfile.TemporaryDirectory() as tmp:
-            fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-            for ax, (title, names) in zip(axes, panels):
-                for k in names:
-                    if k in keys:
-                        ax.plot(*history(k), label=k, marker="." if not k.endswith("_step") else None)
-                ax.set_title(title)
-                ax.set_xlabel("optimizer step")
-                if ax.lines:
-                    ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(Path(tmp) / "learning_curves.png", dpi=110)
-            plt.close(fig)
-            client.log_artifact(run_id, str(Path(tmp) / "learning_curves.png"), "plots")
-            if sink:
-                fig, axes = plt.subplots(1, len(sink), figsize=(4 * len(sink), 3.4), squeeze=False)
-                for ax, k in zip(axes[0], sink):
-                    ax.plot(*history(k), marker="o")
-                    ax.set_title(k.removeprefix("val/sink/"))
-                    ax.set_xlabel("optimizer step")
-                fig.tight_layout()
-                fig.savefig(Path(tmp) / "sink_diagnostics.png", dpi=110)
-                plt.close(fig)
-                client.log_artifact(run_id, str(Path(tmp) / "sink_diagnostics.png"), "plots")
+class MLflowSystemMetrics(Callback):
+    """Rank 0: MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+    disk, network; GPU ones when pynvml is installed) sampled every `interval_s` seconds into the run.
+
+    (MLflow starts this monitor for runs it starts itself; Lightning's logger creates its run through
+    the client, so the monitor is started here.)
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._monitor: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is None or not trainer.is_global_zero or self._monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=self.interval_s,
+                                             resume_logging=True, tracking_uri=logger.experiment.tracking_uri)
+        self._monitor.start()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
 
 
 class PredictionWriter(BasePredictionWriter):

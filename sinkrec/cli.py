@@ -32,13 +32,15 @@ from typing import Any
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from sinkrec.callbacks import EventThroughput, MLflowArtifacts, MLflowSaveConfig, PredictionWriter
+from pipeline.errors import PipelineError
+from pipeline.prepare import prepare
+from sinkrec.callbacks import MLflowArtifacts, MLflowSaveConfig
 from sinkrec.checkpoints import AtomicCheckpointIO, check_against, read_checkpoint
 from sinkrec.data import SeqRecDataModule, ShardError
 from sinkrec.distributed import choose_strategy, destroy_process_group, env_world_size
@@ -64,7 +66,7 @@ class MLflowConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str | None = None  # None: the dataset's name from its manifest (one experiment per dataset)
     run_name: str | None = None  # None: the config file's stem (e.g. "ml1m_sinkrec")
-    log_checkpoint: bool = True  # upload the best checkpoint as an artifact
+    log_checkpoint: bool = True  # upload the best checkpoint as an artifact (and the model: MLflowArtifacts)
     parent_run_id: str | None = None  # nest this run under another (e.g. a `make compare` parent run)
     check_timeout_s: float = 5.0  # the store must answer within this before training starts, else an error
 
@@ -79,6 +81,16 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / experiment)
     return None
+
+
+# `trainer.callbacks` when a config lists none (lightning's class_path/init_args form, as in YAML)
+DEFAULT_CALLBACKS = [
+    {"class_path": "sinkrec.callbacks.EventThroughput"},
+    {"class_path": "sinkrec.callbacks.PredictionWriter"},
+    {"class_path": "sinkrec.callbacks.MLflowArtifacts"},
+    {"class_path": "sinkrec.callbacks.MLflowSystemMetrics"},
+    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
+]
 
 
 class SinkRecCLI(LightningCLI):
@@ -101,6 +113,9 @@ class SinkRecCLI(LightningCLI):
         # has no val/ndcg_10 to check, which is not an error
         parser.set_defaults({"early_stopping.monitor": "val/ndcg_10", "early_stopping.mode": "max",
                              "early_stopping.patience": 3, "early_stopping.check_on_train_epoch_end": False})
+        # trainer.callbacks lists the optional callbacks, as in any LightningCLI: a config that sets it
+        # replaces these defaults (`--trainer.callbacks+=...` appends); _persistent_callbacks are always added
+        parser.set_defaults({"trainer.callbacks": DEFAULT_CALLBACKS})
         parser.add_argument("--dist_timeout_s", type=float, default=600.0,
                             help="seconds a collective (gloo/NCCL) may wait for a peer before the job fails, "
                                  "naming the rank that stopped")
@@ -117,10 +132,15 @@ class SinkRecCLI(LightningCLI):
         return self.config[sub].get(key, default) if sub else default
 
     def before_instantiate_classes(self) -> None:
-        """Config values that cannot work, named by key and file, before anything is built."""
+        """Config values that cannot work, named by key and file, before anything is built; then the
+        data, on a fresh checkout: the data module reads num_items from the manifest when it is built
+        (model.config.num_items is linked to it), before Lightning's `prepare_data` could run."""
         sub, argv = self.config.get("subcommand"), self._argv
         configs = [str(c) for c in (self._sub("config") or [])]
         check_values(self.config[sub], lambda key: where(key, argv, configs))
+        root = Path(self.config[sub].data.root)
+        if not (root / "manifest.json").is_file():
+            prepare(root)  # every rank may get here: the pipeline's lock lets one build, the others wait
 
     def _parse_ckpt_path(self) -> None:
         """Read --ckpt_path (weights-only) but keep this run's config: LightningCLI would overwrite the
@@ -142,7 +162,14 @@ class SinkRecCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _check_ckpt_fits
 
     def _cfg(self, key: str) -> Any:
-        return self._get(self.config_init, key)
+        """An instantiated config value of this subcommand (LightningCLI's `_get`, without the private call)."""
+        return self.config_init.get(str(self.subcommand), self.config_init).get(key)
+
+    def _named_configs(self) -> list[str]:
+        """The config files named on the command line (not the ones they include with `config:`)."""
+        argv = self._argv
+        named = [a for i, a in enumerate(argv) if i and argv[i - 1] in ("--config", "-c")]
+        return named + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
 
     def _mlflow_logger(self) -> MLFlowLogger | None:
         m: MLflowConfig = self._cfg("mlflow")
@@ -150,47 +177,54 @@ class SinkRecCLI(LightningCLI):
             return None
         uri = tracking_uri(m.tracking_uri)
         experiment = m.experiment or self.datamodule.name
-        configs = self._get(self.config, "config", default=None) or []
-        run_name = m.run_name or (Path(str(configs[0])).stem if configs else "sinkrec")
-        tags = {"config": ",".join(str(c) for c in configs), "dataset": self.datamodule.name,
-                "subcommand": str(self.subcommand)}
+        configs = [str(c) for c in (self._sub("config") or [])]
+        named = self._named_configs() or configs
+        run_name = m.run_name or (Path(named[0]).stem if named else "sinkrec")
+        tags = {"config": ",".join(configs), "dataset": self.datamodule.name, "subcommand": str(self.subcommand)}
         if m.parent_run_id:
             tags["mlflow.parentRunId"] = m.parent_run_id  # MLflow's own nesting tag
         check_tracking_store(uri, m.check_timeout_s)  # seconds, not MLflow's minutes of retries
         return KillableMLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
                                     artifact_location=_artifact_location(uri, experiment), tags=tags)
 
+    def _persistent_callbacks(self) -> list[Callback]:
+        """The callbacks that the CLI's own promises rest on, whatever `trainer.callbacks` lists:
+        last.ckpt every epoch (`--ckpt_path last`), preemption (exit 143 after last.ckpt), a named
+        error when a peer rank dies, and torch's RNG state in checkpoints."""
+        ckpt_dir = self._cfg("checkpoint").dirpath or "checkpoints"
+        # (a monitored ModelCheckpoint with save_last only refreshes last.ckpt when the metric improves;
+        # no version counter: last.ckpt written by a preemption is overwritten, not kept beside a last-v1.ckpt)
+        latest = ModelCheckpoint(dirpath=self._cfg("checkpoint").dirpath, monitor=None, save_top_k=1,
+                                 save_last=True, filename="latest-epoch{epoch:03d}",
+                                 auto_insert_metric_name=False, enable_version_counter=False)
+        return [latest, Preemption(ckpt_dir), RankWatch(self._cfg("dist_timeout_s")), RngState()]
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer_cfg = {**self._cfg("trainer"), **kwargs}
+        trainer_cfg = self._cfg("trainer")
         world = env_world_size(trainer_cfg.get("devices"), trainer_cfg.get("num_nodes") or 1)
         timeout = datetime.timedelta(seconds=self._cfg("dist_timeout_s"))
         strategy, description = choose_strategy(trainer_cfg.get("strategy", "auto"),
                                                 self._cfg("deepspeed_config"), world, timeout)
         rank_zero_info(description)
-        trainer_cfg["strategy"] = strategy
-        trainer_cfg["use_distributed_sampler"] = False  # the data module splits users across ranks itself
         # temp file + fsync + rename: a kill or a full disk never leaves a truncated checkpoint
         plugins = trainer_cfg.get("plugins") or []
-        trainer_cfg["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
-        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        # last.ckpt after every epoch, for `--ckpt_path last` (a monitored ModelCheckpoint with save_last
-        # only refreshes it when the monitored metric improves)
-        # (no version counter: last.ckpt written by a preemption is overwritten, not kept beside a last-v1.ckpt)
-        callbacks.append(ModelCheckpoint(dirpath=self._cfg("checkpoint").dirpath, monitor=None, save_top_k=1,
-                                         save_last=True, filename="latest-epoch{epoch:03d}",
-                                         auto_insert_metric_name=False, enable_version_counter=False))
-        ckpt_dir = self._cfg("checkpoint").dirpath or "checkpoints"
-        callbacks += [Preemption(ckpt_dir), RankWatch(self._cfg("dist_timeout_s")), RngState(), EventThroughput(),
-                      PredictionWriter(),
-                      MLflowArtifacts(str(self.datamodule.root / "manifest.json"),
-                                      log_checkpoint=self._cfg("mlflow").log_checkpoint)]
-        if trainer_cfg.get("logger") in (None, True):
+        kwargs |= {"strategy": strategy,
+                   "use_distributed_sampler": False,  # the data module splits users across ranks itself
+                   "plugins": [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]}
+        logger = trainer_cfg.get("logger")
+        if logger in (None, True):
             # only rank 0 logs; other ranks must not even open the store (concurrent sqlite migrations fail)
-            logger = self._mlflow_logger() if rank_zero_only.rank == 0 else None
-            trainer_cfg["logger"] = logger if logger is not None else False
-            if logger is not None:
-                callbacks.append(LearningRateMonitor(logging_interval="step"))
-        return self._instantiate_trainer(trainer_cfg, callbacks)
+            logger = (self._mlflow_logger() if rank_zero_only.rank == 0 else None) or False
+            kwargs["logger"] = logger
+        callbacks = trainer_cfg.get("callbacks") or []
+        for cb in callbacks:
+            if isinstance(cb, MLflowArtifacts):
+                cb.log_checkpoint = cb.log_checkpoint and self._cfg("mlflow").log_checkpoint
+        if logger is False:  # Lightning refuses a LearningRateMonitor without a logger
+            trainer_cfg["callbacks"] = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+        # LightningCLI adds these to the ones the config lists (`trainer_defaults`: "always present")
+        self.trainer_defaults["callbacks"] = self._persistent_callbacks()
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         if not self._cfg("test_after_fit") or self.trainer.fast_dev_run or self.trainer.interrupted:
@@ -280,7 +314,7 @@ def run(argv: list[str] | None = None) -> int:
     except (Preempted, SIGTERMException) as e:
         print(f"preempted: {e or 'SIGTERM'}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
-    except (UserError, ShardError) as e:
+    except (UserError, ShardError, PipelineError) as e:
         return _report(e, debug, 2)
     except RuntimeError as e:
         if any(RankWatch.NOTE in n for n in getattr(e, "__notes__", [])):  # a peer died or hung

@@ -91,6 +91,15 @@ class SeqRecDataModule(pl.LightningDataModule):
     def kind_column(self) -> str | None:
         return "kind" if "kind" in self.manifest.get("side_columns", []) else None
 
+    def prepare_data(self) -> None:
+        """Bring `root` up to date if a shipped pipeline config writes it (conf/pipeline/<name>.yaml;
+        fetching the raw data first); any other root is left as it is (pipeline/prepare.py). Lightning
+        runs this on local rank 0 of every node while the other ranks wait; concurrent runs on a
+        shared file system wait for one another on the output's lock."""
+        from pipeline.prepare import prepare
+
+        prepare(self.root)
+
     def setup(self, stage: str | None = None) -> None:
         if self.index is not None:
             return

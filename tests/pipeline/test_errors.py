@@ -80,7 +80,8 @@ def test_nothing_left_after_filtering(cli, tmp_path):
 def test_unknown_config_key(cli, tmp_path):
     cfg = write_text(tmp_path / "c.yaml", "input: x.csv\nnum_shard: 3\n")
     code, _, err = cli("--config", cfg)
-    assert code == 2 and "unknown config key(s) ['num_shard']" in err and "num_shards" in err
+    assert code == 2 and "unknown config key 'num_shard'" in err and "did you mean 'num_shards'" in err
+    assert err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_not_parquet(cli, tmp_path):

@@ -49,7 +49,9 @@ def write_config(path: Path, data: Path, out: Path, trainer: dict | None = None,
 def trained(tiny_kind_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     cfg = write_config(out / "tiny.yaml", tiny_kind_data, out)
-    main(["fit", "--config", str(cfg)])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # MLflow's own knob; default here 10 s
+        main(["fit", "--config", str(cfg)])
     return out
 
 
@@ -91,15 +93,47 @@ def test_fit_then_test_logged_to_mlflow(trained, tiny_kind_data):
             yield from walk(a.path) if a.is_dir else [a.path]
 
     artifacts = set(walk())
-    for name in ("config.yaml", "resolved_model.yaml", "data/manifest.json", "metrics_test.json", "plots/learning_curves.png",
+    for name in ("config.yaml", "resolved_model.yaml", "data/manifest.json", "metrics_test.json",
                  "plots/sink_diagnostics.png"):
         assert name in artifacts, (name, artifacts)
+    assert "plots/learning_curves.png" not in artifacts  # the UI draws the learning curves itself
+    assert any(k.startswith("system/cpu_utilization") for k in metrics)  # MLflow system metrics
+    assert any(k.startswith("system/system_memory_usage") for k in metrics)
     assert any(a.startswith("checkpoints/best-") for a in artifacts)
     local = Path(client.download_artifacts(run.info.run_id, "metrics_test.json", str(trained / "dl")))
     final = json.loads(local.read_text())
     assert final["run_id"] == run.info.run_id
     assert final["metrics"]["test/hr_10"] == pytest.approx(metrics["test/hr_10"], abs=1e-6)
     assert final["metrics"]["test_seen_excluded/mrr"] == pytest.approx(metrics["test_seen_excluded/mrr"], abs=1e-6)
+
+
+@pytest.mark.trains
+def test_the_logged_mlflow_model_loads_and_scores_a_batch(trained, tiny_kind_data):
+    """`mlflow.pytorch.load_model` on the run gives the best checkpoint's model: its scores of a batch
+    equal the ones the checkpoint itself gives, and the signature is the one logged."""
+    import mlflow
+
+    from sinkrec.data import SeqRecDataModule
+
+    uri = f"sqlite:///{trained / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny-kind").experiment_id])
+    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert logged.source_run_id == run.info.run_id and logged.name == "model"
+    scorer = mlflow.pytorch.load_model(logged.model_uri).eval()
+    batch = next(iter(SeqRecDataModule(root=str(tiny_kind_data), max_len=20, eval_batch_size=8).loader("test", 0, 1)))
+    inputs = torch.stack([batch["items"], batch["ts"]], dim=1).long()  # [B, 2, T]
+    with torch.no_grad():
+        scores = scorer(inputs)
+        (best,) = (trained / "ckpt").glob("best-*.ckpt")
+        model = SeqRecModule.load_from_checkpoint(best, map_location="cpu", weights_only=True).model.eval()
+        expected = model(batch["items"], batch["ts"]).hidden[:, -1] @ model.item_embeddings().T
+    assert scores.shape == (len(batch["items"]), 41)  # 40 items + padding
+    torch.testing.assert_close(scores, expected)
+    info = mlflow.models.get_model_info(logged.model_uri)
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 2, -1)
+    assert tuple(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 41)
 
 
 def test_checkpoints_load_weights_only_and_carry_training_state(trained):
