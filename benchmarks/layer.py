@@ -41,7 +41,6 @@ import torch
 D_MODEL, N_HEADS, TOKENS = 64, 2, 16384
 SEQ_LENS = (200, 1024, 4096, 16384)  # B = TOKENS // T (81 x 200 = 16,200 tokens at T = 200)
 KINDS = ("sdpa", "sdpa_masked", "tdgd_chunk", "tdgd_recurrent", "elastic_lda", "elastic")
-CHUNK = 64
 RESULTS = Path("bench_results/layer.json")
 
 
@@ -110,7 +109,7 @@ def _layer_case(kind: str, T: int, reps: int) -> dict:
     return out
 
 
-def _chunk_flops(B: int, T: int, H: int, K: int, V: int, C: int = CHUNK) -> float:
+def _chunk_flops(B: int, T: int, H: int, K: int, V: int, C: int) -> float:
     """Matmul FLOPs of one chunked forward (WY form), counted from the algorithm in
     sinkrec/ops/gated_delta/chunk.py: per chunk and head, K K^T and Q K^T (2 C^2 K each), the
     triangular solve for [beta V | beta K] (C^2 (V + K)), (Q K^T o M) U (2 C^2 V), and the
@@ -123,6 +122,7 @@ def _chunk_flops(B: int, T: int, H: int, K: int, V: int, C: int = CHUNK) -> floa
 def _op_case(T: int, reps: int) -> dict:
     """The chunk delta-rule op alone, forward + backward, for the GFLOP/s figure."""
     from sinkrec.ops import gated_delta_rule
+    from sinkrec.ops.gated_delta.chunk import CHUNK_SIZE
 
     torch.manual_seed(0)
     B, H, K = TOKENS // T, N_HEADS, D_MODEL // N_HEADS
@@ -139,7 +139,7 @@ def _op_case(T: int, reps: int) -> dict:
 
     times = _timeit(fwd_bwd, reps)
     sec = statistics.median(times)
-    flops = _chunk_flops(B, T, H, K, K)
+    flops = _chunk_flops(B, T, H, K, K, CHUNK_SIZE)
     return {"median_ms": 1e3 * sec, "gflops": flops / sec / 1e9}
 
 

@@ -89,7 +89,7 @@ def ours(backend, **kw):
 
 
 NAMES = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
-SHAPES = [  # (B, T, H, K, V): lengths around the chunk size 64, K != V in both directions
+SHAPES = [  # (B, T, H, K, V): lengths around multiples of the chunk size (32), K != V in both directions
     (2, 1, 2, 16, 16),
     (2, 63, 2, 16, 32),
     (1, 64, 3, 32, 16),
@@ -362,7 +362,7 @@ def test_input_checks(mutate, match):
 
 
 # ---- packed sequences (cu_seqlens, fla's convention) ----
-# lengths around the chunk size 64, length-1 sequences, and an empty one
+# lengths around multiples of the chunk size (32), length-1 sequences, and an empty one
 PACKED_LENGTHS = [1, 63, 64, 65, 1, 0, 130, 7]
 
 

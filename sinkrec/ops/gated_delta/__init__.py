@@ -2,10 +2,10 @@
 
 Backends (all share the contract of `naive.py`):
     recurrent  per-step PyTorch reference; the O(1)-per-event streaming inference path
-    chunk      chunkwise-parallel WY form in PyTorch (chunk 64); the CPU training path
+    chunk      chunkwise-parallel WY form in PyTorch (chunk.CHUNK_SIZE = 32); the CPU training path
     fla        flash-linear-attention Triton kernels; CUDA only, imported lazily
     auto       fla on CUDA when importable; else recurrent for T == 1 (a single streaming step,
-               where padding to a 64-chunk would be pure waste); else chunk
+               where padding to a whole chunk would be pure waste); else chunk
 """
 
 from __future__ import annotations

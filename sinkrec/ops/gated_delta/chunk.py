@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-CHUNK_SIZE = 64
+CHUNK_SIZE = 32  # 32 measured ~25% faster than 64 on CPU (fewer C^2 FLOPs; see benchmarks/ops.py)
 # chunk-heads (chunks x B*H) batched per step; see _chunks_per_group
 GROUP_CHUNK_HEADS = 32
 
@@ -150,7 +150,7 @@ def _chunks_per_group(N: int, BH: int) -> int:
     All N at once means fewest Python calls, but then the [N, B*H, C, C] temporaries run to tens
     of MB: every elementwise pass streams from DRAM, every fresh buffer page-faults, and the
     backward would hold O(T * C) memory. ~GROUP_CHUNK_HEADS chunk-heads per step keep the
-    working set in L2 while each matmul still batches enough 64 x 64 blocks to amortise a call.
+    working set in L2 while each matmul still batches enough C x C blocks to amortise a call.
     """
     return max(1, min(N, GROUP_CHUNK_HEADS // BH))
 
@@ -161,7 +161,7 @@ def _unit_lower_inverse(A: torch.Tensor, block: int = 16) -> torch.Tensor:
     Invert the diagonal block x block blocks with one batched triangular solve, then merge
     neighbouring blocks, doubling their size, with [[T11, 0], [-T22 A21 T11, T22]]. On CPU this
     is ~2x faster than one solve on the full C x C matrices, whose batched trsm is poorly
-    vectorised at C = 64, and the merges are plain batched matmuls.
+    vectorised at C = 32-64, and the merges are plain batched matmuls.
     """
     *batch, C, _ = A.shape
     block = min(block, C)
@@ -192,26 +192,28 @@ def _intra_chunk(q, k, v, gamma, beta):
 
     Returns:
         M:    [G, B*H, C, C] e^{gamma_i - gamma_j} for j <= i, else 0
-        A:    [G, B*H, C, C] strictly-lower part = A_ij above (diagonal is junk: solves ignore it)
+        KQ:   [G, B*H, 2C, K] [beta K ; Q] stacked along positions (one operand for both C x C products)
+        AP:   [G, B*H, 2C, C] [A ; P] with A = (beta K K^T) o M (its strictly-lower part is A_ij above;
+              the diagonal is junk: solves ignore it) and P = (Q K^T) o M, the causal intra-chunk read-out
         Tinv: [G, B*H, C, C] (I + A)^{-1}, the UT transform
         W:    [G, B*H, C, V+K] [W_v | W_k] = (I + A)^{-1} [beta V | beta e^gamma K]
-        P:    [G, B*H, C, C] (Q K^T) o M, the causal intra-chunk read-out
         qg:   [G, B*H, C, K] e^gamma Q, reads the entering state
         kd:   [G, B*H, C, K] e^{gamma_C - gamma} K, writes into the leaving state
     """
+    C = k.shape[-2]
     # exp before masking: above the diagonal gamma_i - gamma_j >= 0 may overflow to inf, which
     # tril_ then overwrites; cheaper than masked_fill(-inf) + exp
     M = (gamma[..., :, None] - gamma[..., None, :]).exp_().tril_()
-    kb = k * beta[..., None]
-    A = (kb @ k.mT).mul_(M)
+    KQ = torch.cat([k * beta[..., None], q], dim=-2)  # [G, B*H, 2C, K]
+    AP = KQ @ k.mT  # one product for beta K K^T and Q K^T: [G, B*H, 2C, C]
+    AP.unflatten(-2, (2, C)).mul_(M[..., None, :, :])
     eg = gamma.exp()[..., None]  # [G, B*H, C, 1]
-    rhs = torch.cat([v * beta[..., None], kb.mul_(eg)], dim=-1)  # [G, B*H, C, V+K]
-    Tinv = _unit_lower_inverse(A)
+    rhs = torch.cat([v * beta[..., None], KQ[..., :C, :] * eg], dim=-1)  # [G, B*H, C, V+K]
+    Tinv = _unit_lower_inverse(AP[..., :C, :])
     W = Tinv @ rhs
-    P = (q @ k.mT).mul_(M)
     qg = q * eg
     kd = k * (gamma[..., -1:] - gamma).exp_()[..., None]
-    return M, A, Tinv, W, P, qg, kd
+    return M, KQ, AP, Tinv, W, qg, kd
 
 
 def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, chunks: _Padded | _Packed,
@@ -238,7 +240,8 @@ def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, ch
     G = _chunks_per_group(N, BH)
     for s in range(0, N, G):
         e = min(s + G, N)
-        _, _, _, W, P, qg, kd = _intra_chunk(q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e])
+        _, _, AP, _, W, qg, kd = _intra_chunk(q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e])
+        P = AP[..., k.shape[-2] :, :]
         U, W_k = W[..., :V].contiguous(), W[..., V:]  # U starts as W_v, becomes W_v - W_k S0 below
         kdT = kd.mT
         decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1] e^{gamma_C}
@@ -256,42 +259,41 @@ def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, ch
     return o, states, final
 
 
-def _chunk_grads(q, k, v, gamma, beta, S0, dS1, do, dU, M, A, Tinv, W, P, qg, kd):
+def _chunk_grads(q, k, v, gamma, beta, S0, dS1, do, dU, M, KQ, AP, Tinv, W, qg, kd):
     """Input gradients of a group of chunks once dU (w.r.t. U) and dS1 (w.r.t. the state leaving
     each chunk) are known. All arguments are [G, B*H, ...] chunk-layout tensors.
 
     Returns dq (w.r.t. the scaled q), dk, dv [G, B*H, C, *] and dg, dbeta [G, B*H, C].
     """
-    V = v.shape[-1]
+    C, V = k.shape[-2], v.shape[-1]
     W_v, W_k = W[..., :V], W[..., V:]
     U = W_v - W_k @ S0  # [G, B*H, C, V]
     decay = gamma[..., -1].exp()  # [G, B*H]
     dgamma_C = (S0 * dS1).sum((-2, -1)).mul_(decay)  # through e^{gamma_C} S0 in the leaving state
     # O = qg S0 + P U
     dqg = do @ S0.mT  # [G, B*H, C, K]
-    dP = do @ U.mT  # [G, B*H, C, C]
     # S_C = e^{gamma_C} S0 + kd^T U
     dkd = U @ dS1.mT  # [G, B*H, C, K]
     # U = W_v - W_k S0 and W = (I + A)^{-1} rhs  =>  drhs = (I + A)^{-T} dW,  dA = -drhs W^T
     dW = torch.cat([dU, -(dU @ S0.mT)], dim=-1)  # [G, B*H, C, V+K]
     drhs = Tinv.mT @ dW
-    dA = (drhs @ W.mT).tril_(-1).neg_()  # only A's strictly-lower entries are parameters
+    # [dA ; dP], stacked like [A ; P]: only A's strictly-lower entries are parameters
+    dAP = torch.cat([(drhs @ W.mT).tril_(-1).neg_(), do @ U.mT], dim=-2)  # [G, B*H, 2C, C]
     dvb, dkb = drhs[..., :V], drhs[..., V:]
 
     eg = gamma.exp()[..., None]  # [G, B*H, C, 1]
     ed = (gamma[..., -1:] - gamma).exp_()[..., None]  # [G, B*H, C, 1]
-    kb = k * beta[..., None]
+    kb = KQ[..., :C, :]
     # M enters both A = (kb k^T) o M and P = (q k^T) o M; dM o M = dA o A + dP o P is the gradient
     # w.r.t. gamma_i - gamma_j, i.e. +rowsum for gamma_i and -colsum for gamma_j
-    X = dA * A
-    X.addcmul_(dP, P)
+    X = (dAP * AP).unflatten(-2, (2, C)).sum(-3)  # [G, B*H, C, C]
     dgamma = X.sum(-1) - X.sum(-2)  # [G, B*H, C]
-    dP.mul_(M)
-    dA.mul_(M)
-    dq = (dP @ k).addcmul_(dqg, eg)
-    dk = dP.mT @ q + dA.mT @ kb
+    dAP.unflatten(-2, (2, C)).mul_(M[..., None, :, :])
+    dkq = dAP @ k  # [dA k ; dP k]: [G, B*H, 2C, K]
+    dq = dkq[..., C:, :].addcmul_(dqg, eg)
+    dk = dAP.mT @ KQ  # dA^T kb + dP^T q
     dk.addcmul_(dkd, ed)
-    dkb_total = (dA @ k).addcmul_(dkb, eg)  # w.r.t. kb = beta k (from A, and from rhs = kb e^gamma)
+    dkb_total = dkq[..., :C, :].addcmul_(dkb, eg)  # w.r.t. kb = beta k (from A, and from rhs = kb e^gamma)
     dk.addcmul_(dkb_total, beta[..., None])
     dbeta = (dkb_total * k).sum(-1) + (dvb * v).sum(-1)
     dv = dvb * beta[..., None]
@@ -326,30 +328,33 @@ def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: flo
     dv = q.new_empty(B, N * C, H, V)
     dg, dbeta = q.new_empty(B, N * C, H, 1), q.new_empty(B, N * C, H, 1)
     grad_views = [_chunk_view(x, C) for x in (dq, dk, dv, dg, dbeta)]  # [N, B, H, C, *] views
-    # dS[n]: gradient w.r.t. the state entering chunk n; dh0[s]: w.r.t. sequence s's initial state
-    dS = q.new_empty(N, BH, K, V)
+    # dS[n]: gradient w.r.t. the state entering chunk n, so dS[n + 1] is the one w.r.t. the state
+    # leaving chunk n; where chunk n ends a sequence, dS[n + 1] is set to that sequence's final-state
+    # gradient once chunk n + 1 (the next sequence's first) has passed its own to dh0
+    dS = q.new_empty(N + 1, BH, K, V)
     dht = q.new_zeros(n_seq, BH, K, V) if dht is None else dht
     dh0 = dht.clone()  # a sequence with no positions passes its final-state gradient straight back
     G = _chunks_per_group(N, BH)
     for s in reversed(range(0, N, G)):
         e = min(s + G, N)
         args = q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e]
-        M, A, Tinv, W, P, qg, kd = _intra_chunk(*args)
+        M, KQ, AP, Tinv, W, qg, kd = _intra_chunk(*args)
+        P = AP[..., C:, :]
         W_kT = W[..., V:].mT
         decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1]
-        dS1 = q.new_empty(e - s, BH, K, V)  # gradient w.r.t. the state leaving each chunk
         # reverse state walk: each chunk adds its direct read-out term qg^T dO and passes on
-        #   dU_n = P^T dO + kd dS1_n,   dS_n = e^{gamma_C} dS1_n + qg^T dO - W_k^T dU_n
+        #   dU_n = P^T dO + kd dS_{n+1},   dS_n = e^{gamma_C} dS_{n+1} + qg^T dO - W_k^T dU_n
         torch.matmul(qg.mT, do[s:e], out=dS[s:e])
         dU = P.mT @ do[s:e]  # [G, B*H, C, V]
         for i in reversed(range(e - s)):
             n = s + i
-            dS1[i] = dht[chunks.seq[n]] if chunks.last[n] else dS[n + 1]
-            dU[i].baddbmm_(kd[i], dS1[i])
-            dS[n].addcmul_(dS1[i], decay[i]).baddbmm_(W_kT[i], dU[i], alpha=-1)
+            if chunks.last[n]:
+                dS[n + 1] = dht[chunks.seq[n]]
+            dU[i].baddbmm_(kd[i], dS[n + 1])
+            dS[n].addcmul_(dS[n + 1], decay[i]).baddbmm_(W_kT[i], dU[i], alpha=-1)
             if chunks.first[n]:
                 dh0[chunks.seq[n]] = dS[n]
-        grads = _chunk_grads(*args, states[s:e], dS1, do[s:e], dU, M, A, Tinv, W, P, qg, kd)
+        grads = _chunk_grads(*args, states[s:e], dS[s + 1 : e + 1], do[s:e], dU, M, KQ, AP, Tinv, W, qg, kd)
         grads[0].mul_(scale)  # q entered as scale * q
         for view, grad in zip(grad_views, grads):
             view[s:e] = grad.view(e - s, B, H, C, -1)
