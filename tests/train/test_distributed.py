@@ -85,7 +85,7 @@ def test_deepspeed_zero2_matches_ddp_on_cpu(tiny_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "sinkrec.distributed", "parity", "--data", str(tiny_data),
+           "-m", "tests.train.distributed_parity", "--data", str(tiny_data),
            "--deepspeed-config", str(ROOT / "conf" / "deepspeed" / "zero2.json"), "--steps", "4", "--out", str(out)]
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
