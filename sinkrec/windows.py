@@ -35,8 +35,10 @@ def carries_state(model: SeqRecModel) -> bool:
 
 
 def _detach(tree):
+    """A carried cache, cut from the graph and copied: a tensor that is a view of a larger one (a
+    kernel's per-chunk states) would keep the whole of it alive for the rest of the batch."""
     if isinstance(tree, torch.Tensor):
-        return tree.detach()
+        return tree.detach().clone()
     if isinstance(tree, dict):
         return {k: _detach(v) for k, v in tree.items()}
     if hasattr(tree, "_fields"):  # a NamedTuple state (ELASTIC's DispatcherState)

@@ -35,7 +35,8 @@ class ShortConv(nn.Module):
         else:
             xp = torch.cat([buf.to(x.dtype), x], dim=1).transpose(1, 2)
         y = F.conv1d(xp, self.weight, groups=C).transpose(1, 2)  # [B, T, C]
-        new_buf = None if buf is None else xp[..., xp.shape[-1] - (self.kernel_size - 1):].transpose(1, 2)
+        # a copy, not a view: a view would keep the whole window's input alive in the carried cache
+        new_buf = None if buf is None else xp[..., xp.shape[-1] - (self.kernel_size - 1):].transpose(1, 2).clone()
         return y, new_buf
 
     def init_buffer(self, B: int, device=None, dtype=None) -> torch.Tensor:
