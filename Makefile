@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss compare study mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows compare study mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -75,6 +75,9 @@ bench-data: setup
 
 bench-loss: setup  # peak RSS of the full-softmax loss on a 50k-item catalogue: plain vs chunked
 	$(PYTHON) -m benchmarks.loss_memory $(ARGS)
+
+bench-windows: setup  # peak RSS and time of one training step at T = 1k-16k: one pass vs window by window
+	$(PYTHON) -m benchmarks.windows $(ARGS)
 
 bench-ops: setup
 	$(PYTHON) -m benchmarks.ops

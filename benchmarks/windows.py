@@ -67,7 +67,7 @@ def main() -> None:
         print(json.dumps(_child(a.arch, T, window, a.batch, a.threads)))
         return
     print(f"{a.arch}, batch {a.batch}, {a.threads} thread(s); peak = max RSS of the step minus RSS after set-up")
-    print("| T | one pass: peak MiB | s | windowed (W=%d): peak MiB | s | memory ratio |" % a.window)
+    print(f"| T | one pass: peak MiB | s | windowed (W={a.window}): peak MiB | s | memory ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
     for T in a.lengths:
         row = {}

@@ -205,7 +205,7 @@ class MLflowArtifacts(Callback):
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        model = copy.deepcopy(getattr(pl_module, "model")).cpu().float().eval()
+        model = copy.deepcopy(pl_module.model).cpu().float().eval()
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})

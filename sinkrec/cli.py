@@ -39,7 +39,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from pipeline.errors import PipelineError
-from pipeline.prepare import prepare
 from sinkrec.callbacks import MLflowArtifacts, MLflowSaveConfig
 from sinkrec.checkpoints import AtomicCheckpointIO, check_against, read_checkpoint
 from sinkrec.data import SeqRecDataModule, ShardError
@@ -140,6 +139,8 @@ class SinkRecCLI(LightningCLI):
         check_values(self.config[sub], lambda key: where(key, argv, configs))
         root = Path(self.config[sub].data.root)
         if not (root / "manifest.json").is_file():
+            from pipeline.prepare import prepare  # lazy: the pipeline stack (Polars) only when needed
+
             prepare(root)  # every rank may get here: the pipeline's lock lets one build, the others wait
 
     def _parse_ckpt_path(self) -> None:

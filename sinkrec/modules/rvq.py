@@ -25,7 +25,6 @@ from torch import nn
 from sinkrec.modules.conv import ShortConv
 from sinkrec.modules.norms import RMSNorm
 
-
 _RECOMPUTE = threading.local()
 
 
