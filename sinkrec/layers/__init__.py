@@ -1,4 +1,4 @@
-"""Sequence layers: the TDGD layer, its block, and the fused gate math; the ELASTIC block."""
+"""Sequence layers: the TDGD layer and its block; the ELASTIC block (their ops live in sinkrec/ops)."""
 from sinkrec.layers.elastic import ElasticBlock, LinearDispatcherAttention
 from sinkrec.layers.tdgd import TDGD, SinkRecBlock
 
