@@ -84,8 +84,8 @@ class TDGD(nn.Module):
         km, vm = self.w_mkv(m).split([self.H * self.K, self.H * self.V], dim=-1)
         return l2norm(km.unflatten(-1, (self.H, self.K))), vm.unflatten(-1, (self.H, self.V))
 
-    def _mix(self, u, q, k, v, og, gate_x, m, phi, mask, initial_state, output_final_state, backend):
-        """Gates + delta rule + output gate, shared by forward (T events) and step (T = 1).
+    def _mix(self, u, q, k, v, og, gate_x, m, phi, mask, initial_state, output_final_state):
+        """Gates + delta rule + output gate (forward; a window, or one streaming event with T = 1).
         u [B, T, D]; q, k [B, T, H, K]; v, og [B, T, H, V]; gate_x [B, T, 2H]; m [B, T, D] | None;
         phi, mask [B, T]. Returns (y [B, T, D], o [B, T, H, V], final state | None, (gates, km))."""
         km = vm = l_x = None
@@ -105,7 +105,7 @@ class TDGD(nn.Module):
         dt = torch.promote_types(torch.promote_types(gates.q.dtype, k.dtype), gates.v.dtype)
         o, state = gated_delta_rule(
             gates.q.to(dt), k.to(dt), gates.v.to(dt), gates.g, gates.beta, scale=1.0,
-            initial_state=initial_state, output_final_state=output_final_state, backend=backend,
+            initial_state=initial_state, output_final_state=output_final_state, backend=self.kernel_backend,
         )  # o: [B, T, H, V]
         if self.memory:
             o = o + gates.r[..., None] * vm  # the position reads its own memory pair
@@ -127,7 +127,7 @@ class TDGD(nn.Module):
         q, k, v, og, gate_x = self._split(x, conv_out)
         y, o, state, (gates, km) = self._mix(
             u, q, k, v, og, gate_x, m, phi, mask, None if cache is None else cache["S"],
-            return_record or cache is not None, self.kernel_backend)
+            return_record or cache is not None)
         record = None
         if return_record:  # what the sink diagnostics read (sinkrec.diagnostics)
             # beta: the write strength the state actually gets (purified: b * (1 - rho));
