@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows compare study mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows bench-same-seed compare study mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -78,6 +78,10 @@ bench-loss: setup  # peak RSS of the full-softmax loss on a 50k-item catalogue: 
 
 bench-windows: setup  # peak RSS and time of one training step at T = 1k-16k: one pass vs window by window
 	$(PYTHON) -m benchmarks.windows $(ARGS)
+
+BASE ?= HEAD
+bench-same-seed: setup  # a refactor must not move a number: same-seed test metrics here vs BASE
+	$(PYTHON) -m benchmarks.same_seed --base $(BASE) $(ARGS)
 
 bench-ops: setup
 	$(PYTHON) -m benchmarks.ops

@@ -61,6 +61,7 @@ def _timeit(fn, reps: int, warmup: int = 1) -> list[float]:
 
 # ---- cases (each runs inside its own subprocess) ----
 def _layer_case(kind: str, T: int, reps: int) -> dict:
+    from sinkrec.config import SinkRecConfig
     from sinkrec.layers import TDGD, LinearDispatcherAttention
     from sinkrec.model import CausalSelfAttention
     from sinkrec.modules import ProductKeyMemory
@@ -90,7 +91,8 @@ def _layer_case(kind: str, T: int, reps: int) -> dict:
             return y if pkm is None else y + pkm(h + y)  # the block's second residual sublayer
     else:
         backend = kind.removeprefix("tdgd_")
-        layer = TDGD(D_MODEL, N_HEADS, kernel_backend=backend, gate_backend="reference")
+        layer = TDGD(SinkRecConfig(num_items=1, d_model=D_MODEL, n_heads=N_HEADS, kernel_backend=backend,
+                                   gate_backend="reference").validate())
         m = torch.randn(B, T, D_MODEL)  # retrieved memory value, as the block passes it
         phi = torch.rand(B, T)
         run = lambda: layer(h, m, phi, mask)[0]

@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dm = SeqRecDataModule(root=args.root, max_len=args.max_len, batch_size=args.batch_size, seed=args.data_seed)
     dm.setup()
     train_loader = dm.loader("train", 0, 1)
-    val, test = materialise(dm.loader("valid", 0, 1)), materialise(dm.loader("test", 0, 1))
+    val, test = materialise(dm.loader("val", 0, 1)), materialise(dm.loader("test", 0, 1))
     contenders, cfg = build_contenders(dm.num_items, args, recbole_cls, rb_settings)
     ours_c, rb_c = contenders
     gather_err = self_check(rb_c.module, val[0])

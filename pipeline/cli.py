@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 
 from pipeline.errors import PipelineError
 
@@ -45,7 +45,7 @@ def parse(cls: type[T], argv: list[str], prog: str, description: str = "",
     p = parser(cls, prog, description, extra)
     try:
         ns = p.parse_args(_jsonargparse_argv(cls, [str(a) for a in argv])).clone(with_meta=False)
-    except Exception as e:  # jsonargparse raises ArgumentError, or a TypeError/ValueError from a type
+    except (ArgumentError, TypeError, ValueError, KeyError) as e:  # what jsonargparse and the types raise
         raise PipelineError(_message(e, cls, argv)) from None
     configs = [Path(str(c)) for c in (ns.pop("config", None) or [])]
     extras = {name: ns.pop(name) for name in (extra or {})}

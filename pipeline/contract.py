@@ -21,7 +21,7 @@ ITEM_DTYPE, TS_DTYPE, USER_DTYPE = "int32", "int64", "int64"  # numpy names of t
 
 # Split protocols (`manifest.split.protocol`) and the stages the trainer cuts from them.
 PROTOCOLS = ("leave_one_out", "time_cutoff")
-STAGES = ("train", "valid", "test", "predict")
+STAGES = ("train", "val", "test", "predict")  # "val": Lightning's name
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -209,7 +209,7 @@ class MLflowArtifacts(Callback):
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-        batch = next(iter(trainer.datamodule.loader("valid", rank=0, world=1)))
+        batch = next(iter(trainer.datamodule.loader("val", rank=0, world=1)))
         example = torch.stack([batch["items"][:2], batch["ts"][:2]], dim=1).long()  # [2, 2, T]
         scorer = NextItemScorer(model).eval()
         with torch.no_grad():
@@ -321,7 +321,7 @@ class PredictionWriter(BasePredictionWriter):
 
         users, items, scores = [], [], []
         for p in predictions:
-            v = p["valid"]
+            v = p["real_row"]
             users.append(p["user_idx"][v])
             items.append(p["items"][v])
             scores.append(p["scores"][v].float())

@@ -61,7 +61,9 @@ def dataset_name(config: Path) -> str:
     prepare(root)
     manifest = root / "manifest.json"
     if not manifest.exists():
-        raise SystemExit(f"{config}: {manifest} is missing; run `make preprocess DATASET=<name>` first")
+        raise SystemExit(f"{config}: {manifest} is missing and {root} is not a shipped dataset (no "
+                         f"conf/pipeline/{root.name}.yaml writes it); build it with "
+                         f"`python -m pipeline --config <your pipeline yaml> --out {root}`")
     return str(json.loads(manifest.read_text())["name"])
 
 

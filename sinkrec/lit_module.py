@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 
 from sinkrec.metrics import RankingAccumulator, target_ranks, top_k
 from sinkrec.model import SinkRecConfig, build_model
@@ -102,7 +103,8 @@ class SeqRecModule(pl.LightningModule):
             defer_codebook_updates(self.model)
         # "{stage}" keeps history items as candidates (HSTU's protocol); "{stage}_seen_excluded" removes
         # them (SASRec+ / eSASRec's). Both come from the same forward pass, so they compare like for like.
-        self.acc = {s: RankingAccumulator(self.evaluation.ks) for s in SCORED_STAGES}
+        # torchmetrics states, moved with the module and summed across ranks in compute()
+        self.acc = nn.ModuleDict({s: RankingAccumulator(self.evaluation.ks) for s in SCORED_STAGES})
         self.final_metrics: dict[str, dict[str, float]] = {}  # exact float64 values of the last epoch
 
     def forward(self, items: torch.Tensor, ts: torch.Tensor):
@@ -160,17 +162,12 @@ class SeqRecModule(pl.LightningModule):
         exclude = batch["items"] if self.evaluation.exclude_history else None
         scores, items = top_k(hidden, self.model.item_embeddings(), self.evaluation.predict_k, exclude,
                               self.evaluation.chunk_size)
-        return {"user_idx": batch["user_idx"], "valid": batch["valid"], "items": items, "scores": scores}
+        return {"user_idx": batch["user_idx"], "real_row": batch["real_row"], "items": items, "scores": scores}
 
     # ---- epoch ends: exact metrics from summed counts ----
-    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.trainer.world_size == 1:
-            return t
-        return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum").cpu()
-
     def _log_ranking(self, stage: str) -> None:
         for name in ranking_names(stage):
-            metrics = self.acc[name].compute(self._all_reduce_sum)
+            metrics = self.acc[name].compute()
             self.acc[name].reset()
             self.final_metrics[name] = {f"{name}/{k}": v for k, v in metrics.items()}
             # already global: identical on every rank, so no further sync (EarlyStopping reads it everywhere)
@@ -197,7 +194,7 @@ class SeqRecModule(pl.LightningModule):
     def _log_diagnostics(self, batch: dict[str, torch.Tensor]) -> None:
         from sinkrec.diagnostics import sink_diagnostics  # lazy: only this epoch hook needs it
 
-        keep = batch["valid"].nonzero(as_tuple=True)[0][: self.evaluation.diag_users]
+        keep = batch["real_row"].nonzero(as_tuple=True)[0][: self.evaluation.diag_users]
         if len(keep) == 0:  # a rank-balancing empty batch
             return
         # returns {} for models without a recurrent state (SASRec); keys look like "sink/excess_occupancy"

@@ -12,8 +12,8 @@ With k >= N every target is a hit (HR@k = 1).
 Scores are computed `chunk_size` items at a time, so memory is O(n_targets * chunk_size), never
 users x items. The target's own score is read from the same chunked matmul that scores the other
 items (not from a separate dot product), so exactly equal embeddings give exactly equal scores.
-Across ranks, per-rank SUMS and COUNTS are all-reduced, then divided: exact, not an average of
-per-rank averages.
+Across ranks, per-rank SUMS and COUNTS are summed (RankingAccumulator, a torchmetrics Metric),
+then divided: exact, not an average of per-rank averages.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
+from torchmetrics import Metric
 
 KIND_GROUPS = {1: "habit", 0: "dynamic"}  # SinkBench target kinds (CONTRACTS §1 side column `kind`)
 
@@ -103,38 +104,42 @@ def rank_sums(ranks: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
                                                                                   dtype=torch.float64)
 
 
-class RankingAccumulator:
-    """Sums of HR/NDCG/MRR and target counts per group ("all", and per SinkBench kind when present)."""
+class RankingAccumulator(Metric):
+    """Sums of HR/NDCG/MRR and target counts per group ("all", and per SinkBench kind when present).
+
+    A torchmetrics Metric: its one state, the float64 table `sums` [groups, metrics + 1] (last
+    column = target count), is summed across ranks in `compute` (dist_reduce_fx="sum") and only
+    then divided, so the metrics are exact over the whole world, not an average of rank averages."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
 
     def __init__(self, ks: Sequence[int] = (10, 50, 200)) -> None:
+        super().__init__()
         self.ks = tuple(ks)
         self.names = metric_names(self.ks)
-        self.reset()
-
-    def reset(self) -> None:
-        groups = ["all", *KIND_GROUPS.values()]
-        self.sums = {g: torch.zeros(len(self.names) + 1, dtype=torch.float64) for g in groups}  # last = count
+        self.groups = ("all", *KIND_GROUPS.values())
+        self.add_state("sums", default=torch.zeros(len(self.groups), len(self.names) + 1, dtype=torch.float64),
+                       dist_reduce_fx="sum")
 
     def update(self, ranks: torch.Tensor, kinds: torch.Tensor | None = None) -> None:
-        ranks = ranks.detach().cpu()
-        self._add("all", ranks)
+        """ranks [n] (target_ranks), kinds [n] SinkBench target kinds or None."""
+        ranks = ranks.detach().to(self.sums.device)
+        self._add(0, ranks)
         if kinds is not None:
-            kinds = kinds.detach().cpu()
-            for code, group in KIND_GROUPS.items():
-                self._add(group, ranks[kinds == code])
+            kinds = kinds.detach().to(self.sums.device)
+            for g, code in enumerate(KIND_GROUPS, start=1):
+                self._add(g, ranks[kinds == code])
 
-    def _add(self, group: str, ranks: torch.Tensor) -> None:
-        self.sums[group][:-1] += rank_sums(ranks, self.ks)
-        self.sums[group][-1] += len(ranks)
+    def _add(self, g: int, ranks: torch.Tensor) -> None:
+        self.sums[g, :-1] += rank_sums(ranks, self.ks).to(self.sums.device)
+        self.sums[g, -1] += len(ranks)
 
-    def compute(self, all_reduce=None) -> dict[str, float]:
-        """{"hr_10": ..., "count": ..., "habit/hr_10": ...}. `all_reduce(t) -> t` sums across ranks."""
-        groups = list(self.sums)
-        stacked = torch.stack([self.sums[g] for g in groups])  # [G, M + 1]
-        if all_reduce is not None:
-            stacked = all_reduce(stacked)
+    def compute(self) -> dict[str, float]:
+        """{"hr_10": ..., "count": ..., "habit/hr_10": ...}, over every rank's targets."""
         out: dict[str, float] = {}
-        for g, row in zip(groups, stacked):
+        for g, row in zip(self.groups, self.sums.cpu()):
             count = float(row[-1])
             if g != "all" and count == 0:
                 continue  # no kinds in this dataset

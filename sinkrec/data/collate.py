@@ -7,7 +7,7 @@ targets = seq[w+1:end] with w = max(0, end - 1 - max_len) (w = 0 for max_len Non
 
     stage      leave_one_out                 time_cutoff (valid_ts, test_ts)
     train      end = n-2, first = 1          end = #(ts < valid_ts), first = 1
-    valid      end = n-1, first = n-2        end = #(ts < test_ts),  first = #(ts < valid_ts)
+    val        end = n-1, first = n-2        end = #(ts < test_ts),  first = #(ts < valid_ts)
     test       end = n,   first = n-1        end = n,                first = #(ts < test_ts)
     predict    inputs = the last max_len events, no target
 
@@ -17,12 +17,14 @@ the last, each with its full prior history (up to `max_len`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-Stage = Literal["train", "valid", "test", "predict"]
+from pipeline.contract import STAGES
+
+Stage = str  # one of pipeline.contract.STAGES
 NO_KIND = -1  # target_kind where there is no target or the dataset has no `kind` column
 
 
@@ -30,18 +32,20 @@ def stage_bounds(
     lengths: np.ndarray, ts_counts: dict[str, np.ndarray] | None, stage: Stage, split: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per user (end, first) as in the module docstring; `ts_counts` = #(ts < cut-off) per user."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} must be one of {STAGES}")
     n = lengths.astype(np.int64)
     if stage == "predict":
         return n + 1, n + 1  # inputs = the whole history; `first == end` means no target
     if split["protocol"] == "leave_one_out":
-        end = {"train": n - 2, "valid": n - 1, "test": n}[stage]
+        end = {"train": n - 2, "val": n - 1, "test": n}[stage]
         first = np.ones_like(n) if stage == "train" else end - 1
         return end, first
     assert ts_counts is not None
     if stage == "train":
         end = ts_counts["valid_ts"]
         return end, np.ones_like(n)
-    if stage == "valid":
+    if stage == "val":
         return ts_counts["test_ts"], ts_counts["valid_ts"]
     return n, ts_counts["test_ts"]
 
@@ -61,14 +65,14 @@ def make_example(
     first: int,
     max_len: int | None,
     user_idx: int,
-    valid: bool,
+    real_row: bool,
 ) -> dict[str, Any]:
     if first >= end:  # predict: read the last max_len events, no target
         lo = 0 if max_len is None else max(0, len(items) - max_len)
         x, t = items[lo:], ts[lo:]
         return {"items": x, "ts": t, "targets": np.zeros_like(x), "kind": None,
                 "input_kind": None if kind is None else kind[lo:].astype(np.int64), "user_idx": user_idx,
-                "valid": valid}
+                "real_row": real_row}
     w = 0 if max_len is None else max(0, end - 1 - max_len)
     x, t = items[w : end - 1], ts[w : end - 1]
     y = items[w + 1 : end].copy()
@@ -80,14 +84,14 @@ def make_example(
         k[y == 0] = NO_KIND
         k_in = kind[w : end - 1].astype(np.int64)
     return {"items": x, "ts": t, "targets": y, "kind": k, "input_kind": k_in, "user_idx": user_idx,
-            "valid": valid}
+            "real_row": real_row}
 
 
 def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack examples into LEFT-padded tensors: the most recent event sits at index -1.
 
     Returns items/ts/targets [B, T] int64 (0 = pad / no target), target_kind and input_kind
-    [B, T] int64 (the `kind` of each target / input event; -1 = none), user_idx [B] int64, valid [B] bool. Rows with valid=False are rank-balancing
+    [B, T] int64 (the `kind` of each target / input event; -1 = none), user_idx [B] int64, real_row [B] bool. Rows with real_row=False are rank-balancing
     repeats (see datamodule.RankUserSampler): their targets are zeroed so they count nowhere.
     """
     B = len(examples)
@@ -105,7 +109,7 @@ def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ts[b, T - L :] = torch.from_numpy(np.array(e["ts"], dtype=np.int64))
         if e.get("input_kind") is not None:
             input_kind[b, T - L :] = torch.from_numpy(e["input_kind"])
-        if e["valid"]:
+        if e["real_row"]:
             targets[b, T - L :] = torch.from_numpy(np.array(e["targets"], dtype=np.int64))
             if e["kind"] is not None:
                 kind[b, T - L :] = torch.from_numpy(e["kind"])
@@ -116,5 +120,5 @@ def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         "target_kind": kind,
         "input_kind": input_kind,
         "user_idx": torch.tensor([e["user_idx"] for e in examples], dtype=torch.long),
-        "valid": torch.tensor([e["valid"] for e in examples], dtype=torch.bool),
+        "real_row": torch.tensor([e["real_row"] for e in examples], dtype=torch.bool),
     }

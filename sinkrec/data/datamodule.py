@@ -145,7 +145,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         return self.loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader("valid")
+        return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")

@@ -50,8 +50,9 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise ShardError(
-            f"{path}: no manifest. Build the directory with "
-            f"`python -m pipeline --config conf/pipeline/<name>.yaml` (or `make preprocess DATASET=<name>`)."
+            f"{path}: no manifest. Training builds the shipped datasets itself (data/processed/<name> for each "
+            f"conf/pipeline/<name>.yaml); build any other directory with "
+            f"`python -m pipeline --config <your pipeline yaml> --out {Path(root)}`."
         )
     try:
         manifest = json.loads(path.read_text())

@@ -14,7 +14,7 @@ plan from the Parquet footers alone, sinkrec.data.shards.ShardIndex):
    cut into batches (less padding), and the group's batch order is shuffled (training).
 4. Every slot yields the same number of batches, ceil(ceil(users / slots) / batch_size): a slot whose
    users run out early (a short slot, users without a target in this stage) yields empty batches
-   (one pad row flagged `valid=False`: no loss, no metric counts). DDP sees equal step counts.
+   (one pad row flagged `real_row=False`: no loss, no metric counts). DDP sees equal step counts.
 5. The DataLoader is map-style over (epoch, batch number) with a sampler that Lightning's
    `set_epoch` reaches; worker w receives batch numbers i = w, w + W, ... in order (torch's
    round-robin), and builds them from its own slot's stream. The order does not depend on timing.
@@ -77,10 +77,10 @@ def stage_examples(rows: UserRows, stage: Stage, split: dict[str, Any], max_len:
 
 
 def empty_batch() -> dict[str, torch.Tensor]:
-    """One pad row with valid=False: a step that trains and counts nothing (rank balancing)."""
+    """One pad row with real_row=False: a step that trains and counts nothing (rank balancing)."""
     return collate_left_pad([{"items": np.zeros(1, np.int64), "ts": np.zeros(1, np.int64),
                               "targets": np.zeros(1, np.int64), "kind": None, "input_kind": None,
-                              "user_idx": -1, "valid": False}])
+                              "user_idx": -1, "real_row": False}])
 
 
 class EpochSampler(Sampler):

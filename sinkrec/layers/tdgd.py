@@ -15,41 +15,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sinkrec.config import SinkRecConfig
 from sinkrec.modules import RMSNorm, RVQMemory, ShortConv, SwiGLU, l2norm
 from sinkrec.ops import fused_gates, gated_delta_rule
 
 
 class TDGD(nn.Module):
-    """Returns the residual update y [B, T, D] (not h + y)."""
+    """Returns the residual update y [B, T, D] (not h + y). Built from the model config: d_model,
+    n_heads, the switches memory / purify_write / diff_read / temporal, conv_size and the backends."""
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        *,
-        memory: bool = True,
-        purify_write: bool = True,
-        diff_read: bool = True,
-        temporal: bool = True,
-        conv_size: int = 4,
-        kernel_backend: str = "auto",
-        gate_backend: str = "auto",
-    ) -> None:
+    def __init__(self, cfg: SinkRecConfig) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"SinkRecConfig: d_model={d_model} must be divisible by n_heads={n_heads}")
-        H, K = n_heads, d_model // n_heads
+        H, K = cfg.n_heads, cfg.d_model // cfg.n_heads  # divisibility: SinkRecConfig.validate
         V = K
         self.H, self.K, self.V = H, K, V
-        self.memory, self.purify_write, self.diff_read, self.temporal = memory, purify_write, diff_read, temporal
-        self.kernel_backend, self.gate_backend = kernel_backend, gate_backend
-        self.norm = RMSNorm(d_model)
+        self.memory, self.purify_write, self.diff_read, self.temporal = (
+            cfg.memory, cfg.purify_write, cfg.diff_read, cfg.temporal)
+        self.kernel_backend, self.gate_backend = cfg.kernel_backend, cfg.gate_backend
+        self.norm = RMSNorm(cfg.d_model)
         # one input projection (fewer, larger matmuls):
         #   [q | k | v] (H*K, H*K, H*V, through the short conv) | output gate (H*V) | w_a.u | w_b.u
         #   (H each; no bias, as in the spec). GDN's parameters are a subset of SinkRec's.
         self.n_conv = H * (2 * K + V)
-        self.w_in = nn.Linear(d_model, self.n_conv + H * V + 2 * H, bias=False)
-        self.conv = ShortConv(self.n_conv, conv_size)
+        self.w_in = nn.Linear(cfg.d_model, self.n_conv + H * V + 2 * H, bias=False)
+        self.conv = ShortConv(self.n_conv, cfg.conv_size)
         # Gated DeltaNet / Mamba2 init: decay rate A in [1, 16], softplus(dt_bias) in [1e-3, 1e-1]
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
         dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
@@ -57,9 +46,9 @@ class TDGD(nn.Module):
         # c_a > 0: a long gap since the previous event forgets more (sessions end, tastes move)
         self.c_a = nn.Parameter(torch.full((H,), 0.5))
         self.c_b = nn.Parameter(torch.zeros(H))
-        if memory:
-            self.w_mkv = nn.Linear(d_model, H * (K + V), bias=False)  # memory key | memory value
-            self.w_l = nn.Linear(d_model, H, bias=False)  # differential-read weight lam = sigmoid(w_l.u)
+        if self.memory:
+            self.w_mkv = nn.Linear(cfg.d_model, H * (K + V), bias=False)  # memory key | memory value
+            self.w_l = nn.Linear(cfg.d_model, H, bias=False)  # differential-read weight lam = sigmoid(w_l.u)
             # rho = sigmoid(4 <k, km> - 2): small unless the key points at the memory key
             self.s_rho = nn.Parameter(torch.full((H,), 4.0))
             self.b_rho = nn.Parameter(torch.full((H,), -2.0))
@@ -68,30 +57,29 @@ class TDGD(nn.Module):
             self.register_buffer("s_rho", torch.zeros(H), persistent=False)
             self.register_buffer("b_rho", torch.zeros(H), persistent=False)
         self.o_norm = RMSNorm(V)
-        self.w_o = nn.Linear(H * V, d_model, bias=False)
+        self.w_o = nn.Linear(H * V, cfg.d_model, bias=False)
 
-    def _split(self, x: torch.Tensor, conv_out: torch.Tensor):
-        """Projection x [..., n_in] and conv output [..., n_conv] -> q, k [..., H, K]; v, og [..., H, V];
-        gate logits [..., 2H]."""
+    def forward(
+        self, h: torch.Tensor, m: torch.Tensor | None, phi: torch.Tensor, mask: torch.Tensor,
+        return_record: bool = False, cache: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict | None, dict[str, torch.Tensor] | None]:
+        """h [B, T, D], m [B, T, D] | None, phi [B, T] float, mask [B, T] bool -> (y [B, T, D], record,
+        cache after the last position | None).
+
+        `cache` ({"conv": [B, W - 1, n_conv], "S": [B, H, K, V]}, see init_cache) continues the
+        sequences from a previous window (T = 1 is the O(1)-per-event streaming step); None starts them."""
         H, K, V = self.H, self.K, self.V
+        u = self.norm(h)
+        # projections: [q | k | v] through the short conv, output gate og, gate logits a_x, b_x
+        qkv, og, a_x, b_x = self.w_in(u).split([self.n_conv, H * V, H, H], dim=-1)
+        conv_out, conv_buf = self.conv(qkv, None if cache is None else cache["conv"])
         qk, v = F.silu(conv_out).split([2 * H * K, H * V], dim=-1)
-        q, k = l2norm(qk.unflatten(-1, (2 * H, K))).split(H, dim=-2)  # one norm pass: [..., 2H, K]
-        og, gates = x[..., self.n_conv:].split([H * V, 2 * H], dim=-1)
-        return q, k, v.unflatten(-1, (H, V)), og.unflatten(-1, (H, V)), gates
-
-    def _memory_kv(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """m [..., D] -> km [..., H, K] (unit norm), vm [..., H, V]."""
-        km, vm = self.w_mkv(m).split([self.H * self.K, self.H * self.V], dim=-1)
-        return l2norm(km.unflatten(-1, (self.H, self.K))), vm.unflatten(-1, (self.H, self.V))
-
-    def _mix(self, u, q, k, v, og, gate_x, m, phi, mask, initial_state, output_final_state):
-        """Gates + delta rule + output gate (forward; a window, or one streaming event with T = 1).
-        u [B, T, D]; q, k [B, T, H, K]; v, og [B, T, H, V]; gate_x [B, T, 2H]; m [B, T, D] | None;
-        phi, mask [B, T]. Returns (y [B, T, D], o [B, T, H, V], final state | None, (gates, km))."""
+        q, k = l2norm(qk.unflatten(-1, (2 * H, K))).split(H, dim=-2)  # one norm pass: [B, T, 2H, K]
+        v, og = v.unflatten(-1, (H, V)), og.unflatten(-1, (H, V))
         km = vm = l_x = None
-        a_x, b_x = gate_x.split(self.H, dim=-1)
-        if self.memory:
-            km, vm = self._memory_kv(m)
+        if self.memory:  # the memory pair this position read, and the differential-read weight
+            km, vm = self.w_mkv(m).split([H * K, H * V], dim=-1)
+            km, vm = l2norm(km.unflatten(-1, (H, K))), vm.unflatten(-1, (H, V))
             l_x = self.w_l(u)
         gates = fused_gates(
             q, k, v, km, vm, a_x, b_x, l_x, phi, mask,
@@ -105,29 +93,12 @@ class TDGD(nn.Module):
         dt = torch.promote_types(torch.promote_types(gates.q.dtype, k.dtype), gates.v.dtype)
         o, state = gated_delta_rule(
             gates.q.to(dt), k.to(dt), gates.v.to(dt), gates.g, gates.beta, scale=1.0,
-            initial_state=initial_state, output_final_state=output_final_state, backend=self.kernel_backend,
+            initial_state=None if cache is None else cache["S"],
+            output_final_state=return_record or cache is not None, backend=self.kernel_backend,
         )  # o: [B, T, H, V]
         if self.memory:
             o = o + gates.r[..., None] * vm  # the position reads its own memory pair
         y = self.w_o((self.o_norm(o) * F.silu(og)).flatten(-2))  # [B, T, H, V] -> [B, T, D]
-        return y, o, state, (gates, km)
-
-    def forward(
-        self, h: torch.Tensor, m: torch.Tensor | None, phi: torch.Tensor, mask: torch.Tensor,
-        return_record: bool = False, cache: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, dict | None, dict[str, torch.Tensor] | None]:
-        """h [B, T, D], m [B, T, D] | None, phi [B, T] float, mask [B, T] bool -> (y [B, T, D], record,
-        cache after the last position | None).
-
-        `cache` ({"conv": [B, W - 1, n_conv], "S": [B, H, K, V]}, see init_cache) continues the
-        sequences from a previous window (T = 1 is the O(1)-per-event streaming step); None starts them."""
-        u = self.norm(h)
-        x = self.w_in(u)  # [B, T, n_in]
-        conv_out, conv_buf = self.conv(x[..., : self.n_conv], None if cache is None else cache["conv"])
-        q, k, v, og, gate_x = self._split(x, conv_out)
-        y, o, state, (gates, km) = self._mix(
-            u, q, k, v, og, gate_x, m, phi, mask, None if cache is None else cache["S"],
-            return_record or cache is not None)
         record = None
         if return_record:  # what the sink diagnostics read (sinkrec.diagnostics)
             # beta: the write strength the state actually gets (purified: b * (1 - rho));
@@ -164,17 +135,14 @@ def recurring_codes(codes: torch.Tensor, mask: torch.Tensor, n_codes: int) -> to
 class SinkRecBlock(nn.Module):
     """memory (storage) -> TDGD (transition) -> SwiGLU FFN. Weights are shared across loops."""
 
-    def __init__(self, d_model: int, n_heads: int, *, memory: bool, purify_write: bool, diff_read: bool,
-                 temporal: bool, n_levels: int, n_codes: int, ema_decay: float, conv_size: int,
-                 dropout: float, kernel_backend: str, gate_backend: str, coverage_weight: float = 0.0) -> None:
+    def __init__(self, cfg: SinkRecConfig) -> None:
         super().__init__()
-        self.n_codes, self.coverage_weight = n_codes, coverage_weight
-        self.memory = RVQMemory(d_model, n_levels, n_codes, conv_size, ema_decay) if memory else None
-        self.tdgd = TDGD(d_model, n_heads, memory=memory, purify_write=purify_write, diff_read=diff_read,
-                         temporal=temporal, conv_size=conv_size, kernel_backend=kernel_backend,
-                         gate_backend=gate_backend)
-        self.ffn = SwiGLU(d_model, dropout=dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.n_codes, self.coverage_weight = cfg.n_codes, cfg.coverage_weight
+        self.memory = RVQMemory(cfg.d_model, cfg.n_levels, cfg.n_codes, cfg.conv_size, cfg.ema_decay) \
+            if cfg.memory else None
+        self.tdgd = TDGD(cfg)
+        self.ffn = SwiGLU(cfg.d_model, dropout=cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, h, phi, mask, return_record: bool = False, cache: dict | None = None):
         """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, coverage loss, record | None,

@@ -38,19 +38,19 @@ def test_waits_for_a_run_that_holds_the_lock(tmp_path):
     root, conf = shipped(tmp_path)
     root.parent.mkdir(parents=True)
     lock = root.parent / ".demo.lock"
-    held = open(lock, "a+")
-    fcntl.flock(held, fcntl.LOCK_EX)
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
 
-    def release() -> None:  # what a finishing run does: remove the file, then let go
-        time.sleep(0.5)
-        lock.unlink()
-        held.close()
+        def release() -> None:  # what a finishing run does: remove the file, then let go
+            time.sleep(0.5)
+            lock.unlink()
+            fcntl.flock(held, fcntl.LOCK_UN)
 
-    t = threading.Thread(target=release)
-    t.start()
-    t0 = time.perf_counter()
-    prepare(root, lambda _: None, conf)
-    t.join()
+        t = threading.Thread(target=release)
+        t.start()
+        t0 = time.perf_counter()
+        prepare(root, lambda _: None, conf)
+        t.join()
     assert time.perf_counter() - t0 >= 0.5 and read(root) is not None and not lock.exists()
 
 

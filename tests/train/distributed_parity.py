@@ -92,7 +92,7 @@ def parity(args: argparse.Namespace) -> dict[str, Any]:
     ddp = _train("ddp", batches, cfg, args.clip, None, args.seed)
     ds = _train("deepspeed", batches, cfg, args.clip, ds_config, args.seed)
     result = {"rank": rank, "world": world, "zero_stage": stage, "ddp": ddp, "deepspeed": ds,
-              "users": [b["user_idx"][b["valid"]].tolist() for b in batches]}
+              "users": [b["user_idx"][b["real_row"]].tolist() for b in batches]}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, result)
     if rank == 0 and args.out:

@@ -18,7 +18,7 @@ def _users(loader) -> tuple[list[int], int]:
     seen, batches = [], 0
     for batch in loader:
         batches += 1
-        seen += batch["user_idx"][batch["valid"]].tolist()
+        seen += batch["user_idx"][batch["real_row"]].tolist()
     return seen, batches
 
 
@@ -121,7 +121,7 @@ def test_leave_one_out_views_left_padded_with_timestamps(tiny_data):
     n = len(items)
     assert n > 10
     views = {}
-    for stage in ("train", "valid", "test"):
+    for stage in ("train", "val", "test"):
         for unit in dm.index.units(1):
             for ex in stage_examples(dm.index.read(unit), stage, dm.manifest["split"], 8, None):
                 if ex["user_idx"] == u:
@@ -130,7 +130,7 @@ def test_leave_one_out_views_left_padded_with_timestamps(tiny_data):
     np.testing.assert_array_equal(tr["items"], items[n - 2 - 9 : n - 3])
     np.testing.assert_array_equal(tr["targets"], items[n - 2 - 8 : n - 2])
     np.testing.assert_array_equal(tr["ts"], ts[n - 2 - 9 : n - 3])
-    va, te = views["valid"], views["test"]
+    va, te = views["val"], views["test"]
     np.testing.assert_array_equal(va["items"], items[n - 10 : n - 2])
     assert va["targets"][-1] == items[n - 2] and not va["targets"][:-1].any()
     np.testing.assert_array_equal(te["items"], items[n - 9 : n - 1])
@@ -141,7 +141,7 @@ def test_leave_one_out_views_left_padded_with_timestamps(tiny_data):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7])
-@pytest.mark.parametrize("stage", ["train", "valid", "test", "predict"])
+@pytest.mark.parametrize("stage", ["train", "val", "test", "predict"])
 def test_every_user_exactly_once_per_epoch_with_equal_batches(tiny_data, world, stage):
     dm = SeqRecDataModule(str(tiny_data), max_len=8, batch_size=4, eval_batch_size=5, bucket_batches=2)
     expected = sorted(_all_rows(dm))  # every tiny user has >= 4 events: eligible in every stage
@@ -241,7 +241,7 @@ def test_rank_balancing_batches_carry_no_targets(tiny_data):
     empty = 0
     for rank in range(world):
         for batch in dm.loader("test", rank, world):
-            inv = ~batch["valid"]
+            inv = ~batch["real_row"]
             if inv.any():
                 empty += 1
                 assert inv.all() and (batch["targets"] == 0).all() and (batch["items"] == 0).all()
@@ -256,13 +256,13 @@ def test_time_cutoff_protocol_targets_after_the_cutoffs():
     split = {"protocol": "time_cutoff", "valid_ts": 35, "test_ts": 55}
     counts = {"valid_ts": np.array([3]), "test_ts": np.array([5])}
     got = {}
-    for stage in ("train", "valid", "test"):
+    for stage in ("train", "val", "test"):
         end, first = stage_bounds(np.array([6]), counts, stage, split)
         assert eligible(end, first, stage)[0]
         got[stage] = make_example(items, ts, None, int(end[0]), int(first[0]), 10, 0, True)
     np.testing.assert_array_equal(got["train"]["targets"], [2, 3])  # only events before valid_ts
-    np.testing.assert_array_equal(got["valid"]["items"], [1, 2, 3, 4])
-    np.testing.assert_array_equal(got["valid"]["targets"], [0, 0, 4, 5])  # events in [valid_ts, test_ts)
+    np.testing.assert_array_equal(got["val"]["items"], [1, 2, 3, 4])
+    np.testing.assert_array_equal(got["val"]["targets"], [0, 0, 4, 5])  # events in [valid_ts, test_ts)
     np.testing.assert_array_equal(got["test"]["targets"], [0, 0, 0, 0, 6])  # events at/after test_ts
 
 

@@ -71,6 +71,7 @@ def test_exclude_history_matches_bruteforce_and_keeps_target():
     assert (got <= base).all() and (got < base).any()
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")  # the merged one has no update of its own
 def test_accumulator_matches_bruteforce_with_k_beyond_catalogue_and_exact_sum_of_ranks():
     g = np.random.default_rng(3)
     N, D = 25, 5
@@ -84,8 +85,10 @@ def test_accumulator_matches_bruteforce_with_k_beyond_catalogue_and_exact_sum_of
         acc_ranks[r].update(ranks)
         all_ranks.append(brute_ranks(h, table, t))
         parts.append(acc_ranks[r])
-    summed = torch.stack([torch.stack(list(a.sums.values())) for a in parts]).sum(0)
-    got = parts[0].compute(all_reduce=lambda t: summed)  # what an all-reduce(sum) would return
+    world = RankingAccumulator(ks)
+    for a in parts:  # what compute() does across ranks: the states are summed (dist_reduce_fx="sum")
+        world.merge_state(a)
+    got = world.compute()
     want = brute_metrics(np.concatenate(all_ranks), ks)
     for k in metric_names(ks):
         assert got[k] == pytest.approx(want[k], abs=1e-12), k

@@ -44,7 +44,7 @@ def test_ml100k_split_across_ranks_exactly_once(ml100k):
         for rank in range(3):
             n = 0
             for b in dm.loader(stage, rank, 3):
-                seen += b["user_idx"][b["valid"]].tolist()
+                seen += b["user_idx"][b["real_row"]].tolist()
                 n += 1
                 assert b["items"].shape[1] <= 50
             batches.append(n)
