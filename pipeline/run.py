@@ -245,7 +245,10 @@ def _publish(tmp: Path, out: Path) -> None:
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     out.rename(old)
     tmp.rename(out)
-    shutil.rmtree(old)
+    if old.is_symlink():  # `out` was a link to a directory elsewhere: drop the link, never its target
+        old.unlink()
+    else:
+        shutil.rmtree(old)
 
 
 def _remove_stale_builds(out: Path) -> None:

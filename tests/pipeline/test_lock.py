@@ -47,3 +47,17 @@ def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
     src = write_text(tmp_path / "events.csv", CSV)
     (tmp_path / ".out.lock").write_text("999999")  # the file stays after kill -9; the flock does not
     assert main(args(src, tmp_path / "out")) == 0
+
+
+def test_overwriting_an_output_that_is_a_symlink_replaces_the_link_and_keeps_its_target(tmp_path):
+    # a worktree that links data/processed/<name> to another checkout's copy, then rebuilds it
+    src = write_text(tmp_path / "events.csv", CSV)
+    elsewhere = tmp_path / "elsewhere"
+    assert main(args(src, elsewhere)) == 0
+    out = tmp_path / "out"
+    out.symlink_to(elsewhere, target_is_directory=True)
+    newer = write_text(tmp_path / "newer.csv", CSV + "u0,i1,99\n")  # other inputs: a rebuild, not 'up to date'
+    assert main(args(newer, out) + ["--overwrite"]) == 0
+    assert out.is_dir() and not out.is_symlink() and files_intact(read(out), out)
+    assert files_intact(read(elsewhere), elsewhere)  # the link's target is untouched
+    assert not list(tmp_path.glob(".out.old-*"))
