@@ -4,7 +4,8 @@ Reads top to bottom (the config is sinkrec/config.py): shared base (tied item ta
 -> SinkRec / GDN (looped TDGD blocks) -> SASRec (causal softmax attention)
 -> ELASTIC (dispatcher attention + product-key memory) -> build_model.
 Batches are LEFT-padded (item 0 = pad at the front, most recent event at index -1); see
-docs/CONTRACTS.md section 2. No Lightning here: `sinkrec.lit_module` wraps these modules.
+docs/CONTRACTS.md section 2. SinkRec / GDN also take packed batches (B = 1, `cu_seqlens`, fla's
+convention; sinkrec/modules/packed.py). No Lightning here: `sinkrec.lit_module` wraps these modules.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sinkrec.config import ARCHS, SinkRecConfig
 from sinkrec.layers import ElasticBlock, SinkRecBlock
 from sinkrec.losses import full_softmax_loss, sampled_softmax_loss
 from sinkrec.modules import RMSNorm, SwiGLU, l2norm
+from sinkrec.modules.packed import check_packed, packed_index
 
 __all__ = ["ARCHS", "ModelOutput", "SeqRecModel", "SinkRecConfig", "build_model"]
 
@@ -32,10 +34,18 @@ class ModelOutput:
 
 
 def time_features(ts: torch.Tensor, mask: torch.Tensor, time_scale: float,
-                  prev: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  prev: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """phi_t = log1p(dt_t / time_scale), dt_t = max(ts_t - ts_{t-1}, 0); 0 at the first real event
     and at pads. ts, mask [B, T] -> phi [B, T] float32. `prev` = (ts_prev [B], has_prev [B] bool): the
-    last real event before this window (a carried cache), so position 0 gets its gap too."""
+    last real event before this window (a carried cache), so position 0 gets its gap too.
+    `cu_seqlens` [S + 1]: ts is [1, T] packed sequences and phi is 0 at each sequence's first event."""
+    if prev is not None and cu_seqlens is not None:
+        raise ValueError("time_features: prev (a carried cache) and cu_seqlens are not supported together")
+    if cu_seqlens is not None:
+        mask = mask & (packed_index(cu_seqlens, ts.shape[1])[1] > 0)  # a first event has no previous one
+        dt = (ts[:, 1:] - ts[:, :-1]).clamp_min(0).float() * mask[:, 1:]
+        return torch.log1p(F.pad(dt, (1, 0)) / time_scale)
     if prev is not None:
         ts_prev, has_prev = prev
         ts, mask = torch.cat([ts_prev[:, None], ts], 1), torch.cat([has_prev[:, None], mask], 1)
@@ -106,18 +116,29 @@ class SinkRec(SeqRecModel):
         self.norm_f = RMSNorm(cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False,
-                cache: dict | None = None) -> ModelOutput:
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                return_states: bool = False, cache: dict | None = None) -> ModelOutput:
         """items, ts [B, T] (left-padded) -> ModelOutput(hidden [B, T, D], aux_loss, states, cache).
+
+        `cu_seqlens` int [S + 1] (fla's convention): items, ts are [1, N] packed sequences instead,
+        sequence s at positions cu_seqlens[s]:cu_seqlens[s + 1], no pad items; hidden is [1, N, D] and
+        position for position equals running each sequence on its own (tests/model/test_packed.py).
+        The losses are then means over all the batch's positions, as for a padded batch.
 
         `cache` (init_state, or the `cache` of the previous call) continues the same B sequences from
         where the previous window ended, and the output then carries the cache after this window: a
         sequence cut into windows and run window by window gives the hidden states of one pass over
-        the whole sequence (tests/model/test_windows.py); T = 1 is the O(1)-per-event streaming step."""
+        the whole sequence (tests/model/test_windows.py); T = 1 is the O(1)-per-event streaming step.
+        Not together with `cu_seqlens`."""
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("SinkRec.forward: cache= (window-by-window / streaming) and cu_seqlens= "
+                                 "(packed sequences) are not supported together; run packed batches in one pass")
+            check_packed(items, ts, cu_seqlens, "SinkRec.forward")
         mask = items != 0  # [B, T]
         keep = mask[..., None].to(self.item_emb.weight.dtype)  # [B, T, 1]
         prev = None if cache is None else (cache["ts_prev"], cache["has_prev"])
-        phi = time_features(ts, mask, self.cfg.time_scale, prev)
+        phi = time_features(ts, mask, self.cfg.time_scale, prev, cu_seqlens)
         h = self.emb_dropout(self.embed(self.item_emb(items)))
         commit, coverage, states = h.new_zeros(()), h.new_zeros(()), [] if return_states else None
         passes = [] if cache is not None else None
@@ -128,7 +149,7 @@ class SinkRec(SeqRecModel):
                 # zero pads so the convolutions of the first real events see zeros, whatever
                 # the amount of left padding
                 h, c, cov, record, new = block(h * keep, phi, mask, return_states,
-                                               None if cache is None else cache["passes"][i])
+                                               None if cache is None else cache["passes"][i], cu_seqlens)
                 commit, coverage, i = commit + c, coverage + cov, i + 1
                 if return_states:
                     states.append(record)
@@ -215,7 +236,11 @@ class SASRec(SeqRecModel):
         self.norm_f = RMSNorm(cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False) -> ModelOutput:
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                return_states: bool = False) -> ModelOutput:
+        if cu_seqlens is not None:
+            raise ValueError("SASRec.forward: packed batches (cu_seqlens) are for the recurrent archs sinkrec "
+                             "and gdn only; give SASRec left-padded [B, T] batches")
         T = items.shape[1]
         if T > self.cfg.max_len:
             raise ValueError(f"SASRec: sequence length {T} > SinkRecConfig.max_len={self.cfg.max_len}; "
@@ -263,10 +288,13 @@ class Elastic(SeqRecModel):
         self.norm_f = RMSNorm(cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, items: torch.Tensor, ts: torch.Tensor, return_states: bool = False,
-                cache: dict | None = None) -> ModelOutput:
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                return_states: bool = False, cache: dict | None = None) -> ModelOutput:
         """items, ts [B, T] (left-padded) -> ModelOutput(hidden [B, T, D], 0, None, cache). ts is unused.
         `cache` (init_state or a previous call's) continues the sequences, as in SinkRec.forward."""
+        if cu_seqlens is not None:
+            raise ValueError("Elastic.forward: packed batches (cu_seqlens) are for the recurrent archs sinkrec "
+                             "and gdn only; give ELASTIC left-padded [B, T] batches")
         mask = items != 0  # [B, T]
         keep = mask[..., None].to(self.item_emb.weight.dtype)  # [B, T, 1]
         h = self.emb_dropout(self.embed(self.item_emb(items)))

@@ -17,6 +17,7 @@ from torch import nn
 
 from sinkrec.config import SinkRecConfig
 from sinkrec.modules import RMSNorm, RVQMemory, ShortConv, SwiGLU, l2norm
+from sinkrec.modules.packed import packed_index
 from sinkrec.ops import fused_gates, gated_delta_rule
 
 
@@ -62,17 +63,22 @@ class TDGD(nn.Module):
     def forward(
         self, h: torch.Tensor, m: torch.Tensor | None, phi: torch.Tensor, mask: torch.Tensor,
         return_record: bool = False, cache: dict[str, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict | None, dict[str, torch.Tensor] | None]:
         """h [B, T, D], m [B, T, D] | None, phi [B, T] float, mask [B, T] bool -> (y [B, T, D], record,
         cache after the last position | None).
 
         `cache` ({"conv": [B, W - 1, n_conv], "S": [B, H, K, V]}, see init_cache) continues the
-        sequences from a previous window (T = 1 is the O(1)-per-event streaming step); None starts them."""
+        sequences from a previous window (T = 1 is the O(1)-per-event streaming step); None starts them.
+        `cu_seqlens` [S + 1] (sinkrec/modules/packed.py): h is [1, T, D] packed sequences; the conv and
+        the delta rule restart at every sequence start (record["S"] is then [S, H, K, V])."""
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("TDGD: a carried cache and cu_seqlens (packed sequences) are not supported together")
         H, K, V = self.H, self.K, self.V
         u = self.norm(h)
         # projections: [q | k | v] through the short conv, output gate og, gate logits a_x, b_x
         qkv, og, a_x, b_x = self.w_in(u).split([self.n_conv, H * V, H, H], dim=-1)
-        conv_out, conv_buf = self.conv(qkv, None if cache is None else cache["conv"])
+        conv_out, conv_buf = self.conv(qkv, None if cache is None else cache["conv"], cu_seqlens)
         qk, v = F.silu(conv_out).split([2 * H * K, H * V], dim=-1)
         q, k = l2norm(qk.unflatten(-1, (2 * H, K))).split(H, dim=-2)  # one norm pass: [B, T, 2H, K]
         v, og = v.unflatten(-1, (H, V)), og.unflatten(-1, (H, V))
@@ -94,7 +100,8 @@ class TDGD(nn.Module):
         o, state = gated_delta_rule(
             gates.q.to(dt), k.to(dt), gates.v.to(dt), gates.g, gates.beta, scale=1.0,
             initial_state=None if cache is None else cache["S"],
-            output_final_state=return_record or cache is not None, backend=self.kernel_backend,
+            output_final_state=return_record or cache is not None, cu_seqlens=cu_seqlens,
+            backend=self.kernel_backend,
         )  # o: [B, T, H, V]
         if self.memory:
             o = o + gates.r[..., None] * vm  # the position reads its own memory pair
@@ -116,9 +123,12 @@ class TDGD(nn.Module):
         }
 
 
-def recurring_codes(codes: torch.Tensor, mask: torch.Tensor, n_codes: int) -> torch.Tensor:
+def recurring_codes(codes: torch.Tensor, mask: torch.Tensor, n_codes: int,
+                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """codes [B, T, L] (RVQ code tuples), mask [B, T] -> bool [B, T]: the position's code tuple
-    already occurred at an earlier real position of the same row (a recurring local pattern)."""
+    already occurred at an earlier real position of the same row (a recurring local pattern).
+    `cu_seqlens` [S + 1]: the row is B = 1 packed sequences and "earlier" means earlier in the
+    same sequence."""
     B, T, L = codes.shape
     key = torch.zeros(B, T, dtype=torch.long, device=codes.device)
     for level in range(L):
@@ -128,6 +138,14 @@ def recurring_codes(codes: torch.Tensor, mask: torch.Tensor, n_codes: int) -> to
     sorted_key, order = key.sort(dim=1, stable=True)  # stable: earlier positions first within a key
     first = torch.ones_like(mask)
     first[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    if cu_seqlens is not None:
+        # a second stable sort by sequence: order is then by (sequence, key, position), and a tuple
+        # is new where the sequence or the key changes
+        seq = packed_index(cu_seqlens, T)[0].expand(B, T)
+        sorted_seq, by_seq = seq.gather(1, order).sort(dim=1, stable=True)
+        order, sorted_key = order.gather(1, by_seq), sorted_key.gather(1, by_seq)
+        first = torch.ones_like(mask)
+        first[:, 1:] = (sorted_key[:, 1:] != sorted_key[:, :-1]) | (sorted_seq[:, 1:] != sorted_seq[:, :-1])
     seen = torch.zeros_like(mask).scatter_(1, order, ~first)
     return seen & mask
 
@@ -144,22 +162,27 @@ class SinkRecBlock(nn.Module):
         self.ffn = SwiGLU(cfg.d_model, dropout=cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h, phi, mask, return_record: bool = False, cache: dict | None = None):
+    def forward(self, h, phi, mask, return_record: bool = False, cache: dict | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, coverage loss, record | None,
-        cache | None). `cache` (init_cache) continues the sequences from a previous window."""
+        cache | None). `cache` (init_cache) continues the sequences from a previous window.
+        `cu_seqlens` [S + 1]: h is [1, T, D] packed sequences (not together with `cache`)."""
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("SinkRecBlock: a carried cache and cu_seqlens (packed sequences) are not "
+                             "supported together")
         m, commit, codes, new = None, h.new_zeros(()), None, None if cache is None else {}
         if self.memory is not None:
-            h, m, commit, codes, buf = self.memory(h, mask, None if cache is None else cache["memory"])
+            h, m, commit, codes, buf = self.memory(h, mask, None if cache is None else cache["memory"], cu_seqlens)
             if cache is not None:
                 new["memory"] = buf
         supervise = self.memory is not None and self.coverage_weight > 0 and self.training
         y, record, tdgd_cache = self.tdgd(h, m, phi, mask, return_record or supervise,
-                                          None if cache is None else cache["tdgd"])
+                                          None if cache is None else cache["tdgd"], cu_seqlens)
         if cache is not None:
             new["tdgd"] = tdgd_cache
         coverage = h.new_zeros(())
         if supervise:
-            target = recurring_codes(codes, mask, self.n_codes).to(record["rho"].dtype)  # [B, T]
+            target = recurring_codes(codes, mask, self.n_codes, cu_seqlens).to(record["rho"].dtype)  # [B, T]
             rho = record["rho"].clamp(1e-6, 1 - 1e-6)  # [B, T, H]
             bce = F.binary_cross_entropy(rho, target[..., None].expand_as(rho), reduction="none").mean(-1)
             coverage = (bce * mask).sum() / mask.sum().clamp_min(1)

@@ -121,14 +121,16 @@ class RVQMemory(nn.Module):
         return h + gate * self.w_r(m)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, buf: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """h [B, T, D], mask [B, T], buf = the pattern conv's buffer from a previous window (or None)
-        -> (h', m, commit, codes, the buffer after this window | None)."""
+        -> (h', m, commit, codes, the buffer after this window | None). `cu_seqlens` [S + 1]: h is
+        [1, T, D] packed sequences and each pattern window stops at its sequence's start."""
         B, T = h.shape[:2]
         # h is detached: the commitment loss trains the pattern conv only. With its gradient
         # reaching h it pulled the whole backbone onto a few codes (level-0 utilisation fell to
         # 25% within 40 steps on habit+drift data, and the CE was worse); see docs/MODEL.md.
-        conv, buf = self.pattern_conv(h.detach(), buf)
+        conv, buf = self.pattern_conv(h.detach(), buf, cu_seqlens)
         z = self.pattern(conv)  # [B, T, D]
         z_valid = z[mask]  # [N, D], pads excluded from codes statistics and the loss
         if self.training:
