@@ -37,6 +37,9 @@ class SinkRecConfig:
     loss: str = "full"  # "full" softmax over all items | "sampled" (shared uniform negatives)
     num_negatives: int = 256  # uniform negatives the batch shares, for loss="sampled"
     in_batch_negatives: bool = False  # loss="sampled": also the batch's targets as negatives (logQ-corrected)
+    # loss="sampled": every target draws its own num_negatives (HSTU's sampler) instead of one set the
+    # batch shares; P x U distinct negatives per step for the same FLOPs
+    per_position_negatives: bool = False
     temperature: float = 1.0  # logits are divided by it (training loss only; ranking is unaffected)
     l2_norm: bool = False  # score with unit-norm query and item vectors (cosine); HSTU's recipe
     kernel_backend: str = "auto"  # delta-rule backend: "auto" | "chunk" | "recurrent" | "fla"
@@ -70,6 +73,9 @@ class SinkRecConfig:
         if self.gate_backend not in FUSED_GATES_BACKENDS:
             raise ValueError(f"SinkRecConfig.gate_backend={self.gate_backend!r} must be one of "
                              f"{FUSED_GATES_BACKENDS}")
+        if self.per_position_negatives and self.in_batch_negatives:
+            raise ValueError("SinkRecConfig: per_position_negatives and in_batch_negatives are two different "
+                             "samplers; set one of them")
         if self.coverage_weight < 0:
             raise ValueError(f"SinkRecConfig.coverage_weight={self.coverage_weight} must be >= 0")
         if self.n_loops < 1 or self.n_blocks < 1:

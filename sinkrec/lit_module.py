@@ -107,6 +107,13 @@ class SeqRecModule(pl.LightningModule):
         self.acc = nn.ModuleDict({s: RankingAccumulator(self.evaluation.ks) for s in SCORED_STAGES})
         self.final_metrics: dict[str, dict[str, float]] = {}  # exact float64 values of the last epoch
 
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "pack", False) and (self.config.arch not in ("sinkrec", "gdn") or self.window is not None):
+            raise ValueError(f"data.pack: true packs sequences with cu_seqlens, which arch sinkrec and gdn read "
+                             f"in one pass; got model.config.arch={self.config.arch!r}, model.window="
+                             f"{self.window} (use data.pack: false, or arch sinkrec/gdn with model.window: null)")
+
     def forward(self, items: torch.Tensor, ts: torch.Tensor):
         return self._encode(items, ts)
 
@@ -118,10 +125,13 @@ class SeqRecModule(pl.LightningModule):
         if stage == "train" and self.window is not None:
             loss, parts = windowed_loss(self.model, batch["items"], batch["ts"], batch["targets"], self.window)
             out = None
+        elif "cu_seqlens" in batch:  # a packed training batch (data.pack)
+            out = self.model(batch["items"], batch["ts"], cu_seqlens=batch["cu_seqlens"])
+            loss, parts = self.model.loss(out, batch["targets"])
         else:
             out = self._encode(batch["items"], batch["ts"])
             loss, parts = self.model.loss(out, batch["targets"])
-        B = batch["items"].shape[0]
+        B = batch["user_idx"].shape[0]  # users (a packed batch is one row of B sequences)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=B,
                  sync_dist=not on_step)

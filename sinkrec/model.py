@@ -100,7 +100,7 @@ class SeqRecModel(nn.Module):
             ce = full_softmax_loss(out.hidden, table, targets, c.temperature)
         else:
             ce = sampled_softmax_loss(out.hidden, table, targets, c.num_negatives, c.temperature,
-                                      in_batch=c.in_batch_negatives)
+                                      in_batch=c.in_batch_negatives, per_position=c.per_position_negatives)
         return ce + out.aux_loss, {"ce": ce.detach(), "aux": out.aux_loss.detach()}
 
 

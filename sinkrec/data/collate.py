@@ -87,6 +87,34 @@ def make_example(
             "real_row": real_row}
 
 
+def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack examples BACK TO BACK with no padding (fla's cu_seqlens convention; docs/CONTRACTS.md §2).
+
+    Returns items/ts/targets/target_kind/input_kind [1, N] (N = the batch's real events), cu_seqlens
+    [B + 1] int64 (example b is positions cu_seqlens[b]:cu_seqlens[b + 1]), user_idx [B], real_row [B].
+    A row with real_row=False (rank balancing) is one position, item 1, with no target: it costs one
+    event of compute and counts nowhere (a packed batch holds no pad item, and never zero events)."""
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("items", "ts", "targets", "target_kind", "input_kind")}
+    lengths = []
+    for e in examples:
+        x = np.asarray(e["items"], dtype=np.int64)
+        if not e["real_row"] or len(x) == 0:
+            x, t, y, k, k_in = (np.ones(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                                np.full(1, NO_KIND, np.int64), np.full(1, NO_KIND, np.int64))
+        else:
+            t, y = np.asarray(e["ts"], dtype=np.int64), np.asarray(e["targets"], dtype=np.int64)
+            k = np.full(len(x), NO_KIND, np.int64) if e["kind"] is None else e["kind"]
+            k_in = np.full(len(x), NO_KIND, np.int64) if e.get("input_kind") is None else e["input_kind"]
+        for name, a in zip(cols, (x, t, y, k, k_in)):
+            cols[name].append(a)
+        lengths.append(len(x))
+    out = {name: torch.from_numpy(np.concatenate(parts))[None] for name, parts in cols.items()}
+    out["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    out["user_idx"] = torch.tensor([e["user_idx"] for e in examples], dtype=torch.long)
+    out["real_row"] = torch.tensor([e["real_row"] for e in examples], dtype=torch.bool)
+    return out
+
+
 def collate_left_pad(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack examples into LEFT-padded tensors: the most recent event sits at index -1.
 

@@ -45,6 +45,9 @@ class SeqRecDataModule(pl.LightningDataModule):
         bucket_batches: length bucketing spans this many batches (1 = no bucketing across batches).
         shuffle_buffer: users in a rank's training shuffle pool (bounds its memory; sinkrec.data.stream).
         seed: seeds the per-epoch shuffle (with the epoch number).
+        pack: training batches hold their users back to back with `cu_seqlens` instead of left
+            padding (SinkRec and GDN only): the same users per batch, no compute on padding.
+            Validation, test and predict stay left-padded.
         verify: sha256 of the shards against the manifest: "full" (every shard at set-up, on every
             rank: reads the whole dataset once), "own" (each shard this process reads, before its
             first use: a rank hashes only its share), "off" (no hashing; unreadable or truncated files
@@ -62,6 +65,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 8192,
         seed: int = 1234,
         verify: Verify = "own",
+        pack: bool = False,
     ) -> None:
         super().__init__()
         if (max_len is not None and max_len < 1) or batch_size < 1 or eval_batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
@@ -72,7 +76,7 @@ class SeqRecDataModule(pl.LightningDataModule):
             raise ValueError(f"data.verify={verify!r} must be one of {VERIFY_MODES}")
         self.root, self.max_len, self.batch_size = Path(root), max_len, batch_size
         self.eval_batch_size, self.num_workers, self.bucket_batches = eval_batch_size, num_workers, bucket_batches
-        self.shuffle_buffer, self.seed, self.verify = shuffle_buffer, seed, verify
+        self.shuffle_buffer, self.seed, self.verify, self.pack = shuffle_buffer, seed, verify, pack
         self.manifest = load_manifest(self.root)  # fails early, naming the file, if root is wrong
         self.index: ShardIndex | None = None
         self._train_loader: StreamLoader | None = None
@@ -113,7 +117,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         train = stage == "train"
         return StageStream(self.index, stage, rank, world, self.num_workers,
                            self.batch_size if train else self.eval_batch_size, self.bucket_batches,
-                           self.shuffle_buffer, self.max_len, self.seed, self.kind_column)
+                           self.shuffle_buffer, self.max_len, self.seed, self.kind_column, self.pack)
 
     def loader(self, stage: Stage, rank: int | None = None, world: int | None = None) -> DataLoader:
         """The DataLoader of `stage` for (rank, world) (defaults: this process in the trainer's world)."""

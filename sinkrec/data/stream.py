@@ -11,7 +11,8 @@ plan from the Parquet footers alone, sinkrec.data.shards.ShardIndex):
    group at a time. Every user belongs to exactly one slot per epoch.
 3. Within a slot, users stream through a bounded shuffle pool (`shuffle_buffer` users, training
    only), are grouped `bucket_batches * batch_size` at a time, sorted by length inside the group and
-   cut into batches (less padding), and the group's batch order is shuffled (training).
+   cut into batches (less padding), and the group's batch order is shuffled (training). With
+   `data.pack` a training batch holds the same users back to back (collate_packed): no padding.
 4. Every slot yields the same number of batches, ceil(ceil(users / slots) / batch_size): a slot whose
    users run out early (a short slot, users without a target in this stage) yields empty batches
    (one pad row flagged `real_row=False`: no loss, no metric counts). DDP sees equal step counts.
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from sinkrec.data.collate import Stage, collate_left_pad, eligible, make_example, stage_bounds
+from sinkrec.data.collate import Stage, collate_left_pad, collate_packed, eligible, make_example, stage_bounds
 from sinkrec.data.shards import ShardIndex, Unit, UserRows
 
 UNITS_PER_SLOT = 8  # units per (rank, worker) slot: the granularity of the split
@@ -76,9 +77,9 @@ def stage_examples(rows: UserRows, stage: Stage, split: dict[str, Any], max_len:
         yield make_example(items, ts, kind, int(end[r]), int(first[r]), max_len, int(rows.user_idx[r]), True)
 
 
-def empty_batch() -> dict[str, torch.Tensor]:
+def empty_batch(pack: bool = False) -> dict[str, torch.Tensor]:
     """One pad row with real_row=False: a step that trains and counts nothing (rank balancing)."""
-    return collate_left_pad([{"items": np.zeros(1, np.int64), "ts": np.zeros(1, np.int64),
+    return (collate_packed if pack else collate_left_pad)([{"items": np.zeros(1, np.int64), "ts": np.zeros(1, np.int64),
                               "targets": np.zeros(1, np.int64), "kind": None, "input_kind": None,
                               "user_idx": -1, "real_row": False}])
 
@@ -140,8 +141,9 @@ class StageStream(Dataset):
 
     def __init__(self, index: ShardIndex, stage: Stage, rank: int, world: int, workers: int, batch_size: int,
                  bucket_batches: int, shuffle_buffer: int, max_len: int | None, seed: int,
-                 kind_column: str | None) -> None:
+                 kind_column: str | None, pack: bool = False) -> None:
         self.index, self.stage, self.rank, self.world = index, stage, rank, world
+        self.collate = collate_packed if pack and stage == "train" else collate_left_pad  # data.pack
         self.workers = max(1, workers)  # slots per rank (0 workers = the main process = one slot)
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         self.group = max(1, bucket_batches) * batch_size
@@ -191,7 +193,7 @@ class StageStream(Dataset):
             bs = [g[i : i + self.batch_size] for i in range(0, len(g), self.batch_size)]
             order = rng.permutation(len(bs)) if self.shuffle else range(len(bs))
             for i in order:
-                yield collate_left_pad(bs[i])
+                yield self.collate(bs[i])
 
         n = 0
         for ex in self._examples(epoch, slot, rng):
@@ -207,7 +209,7 @@ class StageStream(Dataset):
         assert n <= self.per_slot, f"slot {slot} built {n} batches > {self.per_slot}"
         while n < self.per_slot:
             n += 1
-            yield empty_batch()
+            yield empty_batch(self.collate is collate_packed)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Batch number i of this rank in `epoch`: batch i // W of slot rank * W + i % W (W workers),

@@ -71,6 +71,35 @@ def test_sampled_in_batch_candidates_are_targets_and_draws():
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
 
 
+def test_per_position_negatives_are_each_targets_own_draws_in_chunks(monkeypatch):
+    """per_position=True: target i competes with its own row of draws [P, U]; the chunked, recomputed
+    loss and its gradients equal the plain per-row cross-entropy (chunks smaller than P)."""
+    from sinkrec import losses
+
+    monkeypatch.setattr(losses, "SAMPLED_CHUNK", 3)
+    gen = torch.Generator().manual_seed(5)
+    N, D, U = 8, 4, 6
+    h = torch.randn(2, 5, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(N + 1, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(1, N + 1, (2, 5), generator=gen)
+    targets[1, 2] = 0
+    loss = sampled_softmax_loss(h, table, targets, U, temperature=0.2, per_position=True,
+                                generator=torch.Generator().manual_seed(2))
+    sel = targets != 0
+    hs, pos = h[sel], targets[sel]
+    draws = torch.randint(1, N + 1, (len(pos), U), generator=torch.Generator().manual_seed(2))
+    assert not all(torch.equal(draws[0], d) for d in draws[1:])  # not one shared set
+    expected = []
+    for i in range(len(pos)):
+        negs = draws[i][draws[i] != pos[i]]
+        logits = torch.cat([hs[i] @ table[pos[i]][None].t(), hs[i] @ table[negs].t()]) / 0.2
+        expected.append(torch.logsumexp(logits, 0) - logits[0])
+    ref = torch.stack(expected).mean()
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(torch.autograd.grad(loss, [h, table]), torch.autograd.grad(ref, [h, table])):
+        torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("arch", ["sinkrec", "sasrec"])
 def test_l2_norm_scores_cosines(arch):
     model = make(arch, l2_norm=True)

@@ -1,0 +1,100 @@
+"""Packing vs padding (`data.pack`): the same training batches, left-padded and packed, side by side.
+
+    python -m benchmarks.packing                        # SinkBench (heavy-tailed lengths), SinkRec
+    python -m benchmarks.packing --root data/processed/ml-1m --max-len 200 --batch-size 128
+
+Builds epoch 0's training batches three ways: left-padded without length bucketing
+(bucket_batches 1), left-padded with it (the default, 32), and packed with cu_seqlens
+(collate_packed). Reports the fraction of compute spent on padding over the whole epoch (pad
+positions / positions computed), and real events per second of one SinkRec training step (forward
++ backward of the loss, no optimizer) over each layout's first --batches batches, the layouts
+alternating batch by batch so that machine load hits all alike.
+Timing ratios, not absolute seconds, are the result on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sinkrec.data import SeqRecDataModule
+from sinkrec.model import SinkRecConfig, build_model
+
+
+def step(model, batch) -> float:
+    """Seconds of forward + backward of the training loss on one batch."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    out = model(batch["items"], batch["ts"], cu_seqlens=batch.get("cu_seqlens"))
+    loss, _ = model.loss(out, batch["targets"])
+    loss.backward()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="data/processed/sinkbench")
+    ap.add_argument("--arch", default="sinkrec", choices=["sinkrec", "gdn"])
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=12, help="training batches measured per layout")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--out", default=None, help="also write the result as JSON here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from pipeline.prepare import prepare
+
+    prepare(args.root)
+    layouts = {"padded, no bucketing": (False, 1), "padded, bucketed (default)": (False, 32),
+               "packed": (True, 32)}
+    epochs = {name: list(SeqRecDataModule(args.root, max_len=args.max_len, batch_size=args.batch_size, pack=pack,
+                                          bucket_batches=bucket).loader("train", 0, 1))
+              for name, (pack, bucket) in layouts.items()}
+    # compute on padding over the whole epoch (building batches is cheap; no model runs here)
+    real = sum(int((b["items"] > 0).sum()) for b in epochs["packed"])
+    positions = {name: sum(b["items"].numel() for b in bs) for name, bs in epochs.items()}
+    assert positions["packed"] == real, "a packed batch holds pads"
+    dm = SeqRecDataModule(args.root)
+    cfg = SinkRecConfig(arch=args.arch, num_items=dm.num_items, d_model=64, n_heads=2, n_blocks=2, n_loops=2,
+                        dropout=0.0, kernel_backend="chunk", gate_backend="reference")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    # timing: the same users in each layout would need the same batches; bucketing changes which users
+    # share a batch, so each layout is timed on its own first --batches batches (alternating layouts)
+    # and reported per real event
+    sample = {name: bs[: args.batches] for name, bs in epochs.items()}
+    for bs in sample.values():
+        step(model, bs[0])  # warm-up
+    secs = dict.fromkeys(sample, 0.0)
+    events = {name: sum(int((b["items"] > 0).sum()) for b in bs) for name, bs in sample.items()}
+    for i in range(args.batches):
+        for name, bs in sample.items():
+            if i < len(bs):
+                secs[name] += step(model, bs[i])
+    res = {"root": args.root, "arch": args.arch, "max_len": args.max_len, "batch_size": args.batch_size,
+           "epoch_batches": len(epochs["packed"]), "epoch_real_events": real, "timed_batches": args.batches,
+           "threads": torch.get_num_threads(), "layouts": {}}
+    print(f"{args.root}, {args.arch}, batch {args.batch_size} x max_len {args.max_len}: one epoch = "
+          f"{res['epoch_batches']} batches, {real:,} real events; {torch.get_num_threads()} threads, "
+          f"{args.batches} batches timed per layout")
+    print("| layout | positions computed per epoch | compute on padding | real events/s (timed batches) |")
+    print("|---|---:|---:|---:|")
+    for name in layouts:
+        r = {"positions": positions[name], "pad_fraction": 1 - real / positions[name],
+             "timed_events": events[name], "seconds": secs[name], "events_per_s": events[name] / secs[name]}
+        res["layouts"][name] = r
+        print(f"| {name} | {r['positions']:,} | {r['pad_fraction']:.1%} | {r['events_per_s']:,.0f} |")
+    for name in list(layouts)[:2]:
+        ratio = res["layouts"]["packed"]["events_per_s"] / res["layouts"][name]["events_per_s"]
+        print(f"packed / {name}: {ratio:.2f}x real events/s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
