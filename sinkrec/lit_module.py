@@ -117,19 +117,19 @@ class SeqRecModule(pl.LightningModule):
     def forward(self, items: torch.Tensor, ts: torch.Tensor):
         return self._encode(items, ts)
 
-    def _encode(self, items: torch.Tensor, ts: torch.Tensor):
-        return self.model(items, ts) if self.window is None else windowed_forward(self.model, items, ts, self.window)
+    def _encode(self, items: torch.Tensor, ts: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+        """One pass (packed with `cu_seqlens` when the batch is, data.pack), or window by window."""
+        if self.window is None:
+            return self.model(items, ts, cu_seqlens=cu_seqlens)
+        return windowed_forward(self.model, items, ts, self.window)
 
     # ---- steps ----
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         if stage == "train" and self.window is not None:
             loss, parts = windowed_loss(self.model, batch["items"], batch["ts"], batch["targets"], self.window)
             out = None
-        elif "cu_seqlens" in batch:  # a packed training batch (data.pack)
-            out = self.model(batch["items"], batch["ts"], cu_seqlens=batch["cu_seqlens"])
-            loss, parts = self.model.loss(out, batch["targets"])
         else:
-            out = self._encode(batch["items"], batch["ts"])
+            out = self._encode(batch["items"], batch["ts"], batch.get("cu_seqlens"))
             loss, parts = self.model.loss(out, batch["targets"])
         B = batch["user_idx"].shape[0]  # users (a packed batch is one row of B sequences)
         on_step = stage == "train"

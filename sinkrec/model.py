@@ -42,15 +42,14 @@ def time_features(ts: torch.Tensor, mask: torch.Tensor, time_scale: float,
     `cu_seqlens` [S + 1]: ts is [1, T] packed sequences and phi is 0 at each sequence's first event."""
     if prev is not None and cu_seqlens is not None:
         raise ValueError("time_features: prev (a carried cache) and cu_seqlens are not supported together")
-    if cu_seqlens is not None:
-        mask = mask & (packed_index(cu_seqlens, ts.shape[1])[1] > 0)  # a first event has no previous one
-        dt = (ts[:, 1:] - ts[:, :-1]).clamp_min(0).float() * mask[:, 1:]
-        return torch.log1p(F.pad(dt, (1, 0)) / time_scale)
     if prev is not None:
         ts_prev, has_prev = prev
         ts, mask = torch.cat([ts_prev[:, None], ts], 1), torch.cat([has_prev[:, None], mask], 1)
     dt = (ts[:, 1:] - ts[:, :-1]).clamp_min(0).float()  # [B, T - 1]
-    dt = dt * (mask[:, 1:] & mask[:, :-1])  # the previous position must be a real event
+    prev_real = mask[:, 1:] & mask[:, :-1]  # the previous position must be a real event
+    if cu_seqlens is not None:  # ... of the same sequence
+        prev_real = prev_real & (packed_index(cu_seqlens, ts.shape[1])[1][1:] > 0)
+    dt = dt * prev_real
     if prev is None:
         dt = F.pad(dt, (1, 0))  # [B, T]
     return torch.log1p(dt / time_scale)

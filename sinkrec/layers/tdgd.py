@@ -72,8 +72,6 @@ class TDGD(nn.Module):
         sequences from a previous window (T = 1 is the O(1)-per-event streaming step); None starts them.
         `cu_seqlens` [S + 1] (sinkrec/modules/packed.py): h is [1, T, D] packed sequences; the conv and
         the delta rule restart at every sequence start (record["S"] is then [S, H, K, V])."""
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("TDGD: a carried cache and cu_seqlens (packed sequences) are not supported together")
         H, K, V = self.H, self.K, self.V
         u = self.norm(h)
         # projections: [q | k | v] through the short conv, output gate og, gate logits a_x, b_x
@@ -133,19 +131,13 @@ def recurring_codes(codes: torch.Tensor, mask: torch.Tensor, n_codes: int,
     key = torch.zeros(B, T, dtype=torch.long, device=codes.device)
     for level in range(L):
         key = key * n_codes + codes[..., level].long()
+    if cu_seqlens is not None:  # equal tuples in different sequences get different keys
+        key = key + packed_index(cu_seqlens, T)[0] * n_codes ** L
     pos = torch.arange(T, device=codes.device).expand(B, T)
     key = torch.where(mask, key, -1 - pos)  # pads get unique keys: they never match
     sorted_key, order = key.sort(dim=1, stable=True)  # stable: earlier positions first within a key
     first = torch.ones_like(mask)
     first[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
-    if cu_seqlens is not None:
-        # a second stable sort by sequence: order is then by (sequence, key, position), and a tuple
-        # is new where the sequence or the key changes
-        seq = packed_index(cu_seqlens, T)[0].expand(B, T)
-        sorted_seq, by_seq = seq.gather(1, order).sort(dim=1, stable=True)
-        order, sorted_key = order.gather(1, by_seq), sorted_key.gather(1, by_seq)
-        first = torch.ones_like(mask)
-        first[:, 1:] = (sorted_key[:, 1:] != sorted_key[:, :-1]) | (sorted_seq[:, 1:] != sorted_seq[:, :-1])
     seen = torch.zeros_like(mask).scatter_(1, order, ~first)
     return seen & mask
 
@@ -167,9 +159,6 @@ class SinkRecBlock(nn.Module):
         """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, coverage loss, record | None,
         cache | None). `cache` (init_cache) continues the sequences from a previous window.
         `cu_seqlens` [S + 1]: h is [1, T, D] packed sequences (not together with `cache`)."""
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("SinkRecBlock: a carried cache and cu_seqlens (packed sequences) are not "
-                             "supported together")
         m, commit, codes, new = None, h.new_zeros(()), None, None if cache is None else {}
         if self.memory is not None:
             h, m, commit, codes, buf = self.memory(h, mask, None if cache is None else cache["memory"], cu_seqlens)

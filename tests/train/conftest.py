@@ -80,6 +80,21 @@ def make_processed(
     return root
 
 
+def fit_tiny_cli(root: Path, out: Path, *flags: str) -> dict:
+    """`python -m sinkrec fit` of a 16-wide, one-block model on `root` (no MLflow, no test pass),
+    writing under `out`; `flags` add or override keys. Returns the loaded last.ckpt."""
+    import torch
+
+    from sinkrec.cli import main
+
+    main(["fit", "--model.config.d_model", "16", "--model.config.n_heads", "2", "--model.config.n_blocks", "1",
+          "--model.config.n_loops", "1", "--data.root", str(root), "--data.batch_size", "16",
+          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(out), "--checkpoint.dirpath", str(out / "ckpt"),
+          "--mlflow.enabled", "false", "--test_after_fit", "false", *flags])
+    return torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_processed(tmp_path_factory.mktemp("data") / "tiny")

@@ -5,11 +5,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from sinkrec.cli import main
 from sinkrec.data import SeqRecDataModule
 from sinkrec.data.collate import collate_left_pad, collate_packed
 from sinkrec.lit_module import SeqRecModule
 from sinkrec.model import SinkRecConfig, build_model
+from tests.train.conftest import fit_tiny_cli
 
 TINY = {"d_model": 16, "n_heads": 2, "n_blocks": 1, "n_loops": 2, "n_codes": 16, "dropout": 0.0,
         "kernel_backend": "chunk", "gate_backend": "reference"}
@@ -60,13 +60,8 @@ def test_rank_balancing_row_is_one_position_without_a_target():
 
 
 def test_fit_with_packed_batches_from_the_command_line(tiny_data, tmp_path):
-    main(["fit", "--model.config.arch", "sinkrec", "--model.config.d_model", "16", "--model.config.n_heads", "2",
-          "--model.config.n_blocks", "1", "--model.config.n_loops", "1", "--model.config.n_codes", "16",
-          "--data.root", str(tiny_data), "--data.pack", "true", "--data.batch_size", "16",
-          "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-          "--mlflow.enabled", "false", "--test_after_fit", "false"])
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    ckpt = fit_tiny_cli(tiny_data, tmp_path, "--model.config.arch", "sinkrec", "--model.config.n_codes", "16",
+                        "--data.pack", "true", "--trainer.max_epochs", "2")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
                                       if v.is_floating_point())
 

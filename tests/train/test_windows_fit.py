@@ -5,10 +5,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from sinkrec.cli import main
 from sinkrec.data import SeqRecDataModule
 from sinkrec.lit_module import EvalConfig, SeqRecModule
 from sinkrec.model import SinkRecConfig
+from tests.train.conftest import fit_tiny_cli
 
 TINY = {"d_model": 16, "n_heads": 2, "n_blocks": 1, "n_loops": 1, "n_codes": 16, "dropout": 0.1,
         "kernel_backend": "chunk", "gate_backend": "reference"}
@@ -39,13 +39,8 @@ def test_windowed_training_and_exact_windowed_evaluation(arch, tiny_kind_data, t
 
 
 def test_whole_histories_from_the_command_line(tiny_data, tmp_path):
-    main(["fit", "--model.config.arch", "gdn", "--model.config.d_model", "16", "--model.config.n_heads", "2",
-          "--model.config.n_blocks", "1", "--model.config.n_loops", "1", "--model.window", "8",
-          "--data.root", str(tiny_data), "--data.max_len", "null", "--data.batch_size", "16",
-          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(tmp_path), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-          "--mlflow.enabled", "false", "--test_after_fit", "false"])
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    ckpt = fit_tiny_cli(tiny_data, tmp_path, "--model.config.arch", "gdn", "--model.window", "8",
+                        "--data.max_len", "null")
     assert ckpt["hyper_parameters"]["window"] == 8
     assert ckpt["hyper_parameters"]["config"]["max_len"] is None
 
