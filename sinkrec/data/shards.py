@@ -51,8 +51,8 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ShardError(
             f"{path}: no manifest. Training builds the shipped datasets itself (data/processed/<name> for each "
-            f"conf/pipeline/<name>.yaml); build any other directory with "
-            f"`python -m pipeline --config <your pipeline yaml> --out {Path(root)}`."
+            f"conf/pipeline/<name>.yaml; `make preprocess DATASET=<name>` builds one by hand); build any "
+            f"other directory with `python -m pipeline --config <your pipeline yaml> --out {Path(root)}`."
         )
     try:
         manifest = json.loads(path.read_text())
