@@ -1,8 +1,8 @@
 """`python -m sinkrec.compare --configs A.yaml B.yaml --seeds 1 2 [--name ml1m] [-- fit overrides]`.
 
 Trains each (config, seed) one after another with `python -m sinkrec fit` under the same overrides,
-then writes ONE table: test metrics under both ranking conventions (history kept = HSTU's
-`test/`, history removed = SASRec+ / eSASRec's `test_seen_excluded/`), epochs trained, wall time,
+then writes ONE table: test metrics under both ranking conventions (`test/` keeps the user's history
+as candidates; `test_seen_excluded/` removes it, as HSTU, SASRec+ and eSASRec do), epochs trained, wall time,
 training events/s and peak RSS of the training process. In MLflow the comparison is a parent run
 with one child run per training (`mlflow.parentRunId`); the table is also kept as a file under
 `--out` (default docs/results/) with the command, the machine and the date, because an MLflow
@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- machine: {machine()}",
             f"- torch {__import__('torch').__version__}, threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
             f"- MLflow parent run: `{parent.info.run_id}` (experiment `{experiment}`, store `{uri}`)",
-            "- `test/` keeps history items as candidates (HSTU); `seen excl.` removes them (SASRec+, eSASRec).",
-            "  Runs were selected on validation NDCG@10 only; the test split was read once per run.", "",
+            "- `test/` keeps history items as candidates; `seen excl.` removes them, the protocol of HSTU,",
+            "  SASRec+ and eSASRec (compare published numbers with those columns).",
+            "  Runs were selected on validation only (checkpoint.monitor); the test split was read once per run.", "",
             table(rows), ""])
         mlflow.log_text(md, "compare.md")
         mlflow.log_dict({"rows": rows, "command": command}, "compare.json")

@@ -21,8 +21,10 @@ from sinkrec.windows import defer_codebook_updates, flush_codebook_updates, wind
 
 
 def ranking_names(stage: str) -> tuple[str, str]:
-    """The two ranking conventions logged for an evaluation stage: history items kept as candidates
-    (HSTU's protocol) and removed (SASRec+ / eSASRec's)."""
+    """The two ranking conventions logged for an evaluation stage: history items kept as candidates,
+    and removed. The published ML-1M anchors all remove them: SASRec+ and eSASRec by their papers,
+    HSTU in code (generative-recommenders' train.py calls eval_metrics_v2_from_tensors with its
+    default filter_invalid_ids=True, which masks past_ids out of the top-k)."""
     return stage, f"{stage}_seen_excluded"
 
 
@@ -101,8 +103,8 @@ class SeqRecModule(pl.LightningModule):
         self.model = build_model(config)
         if window is not None:  # codebooks fixed between a window's forward and its recompute
             defer_codebook_updates(self.model)
-        # "{stage}" keeps history items as candidates (HSTU's protocol); "{stage}_seen_excluded" removes
-        # them (SASRec+ / eSASRec's). Both come from the same forward pass, so they compare like for like.
+        # "{stage}" keeps history items as candidates; "{stage}_seen_excluded" removes them (HSTU, SASRec+,
+        # eSASRec: ranking_names). Both come from the same forward pass, so they compare like for like.
         # torchmetrics states, moved with the module and summed across ranks in compute()
         self.acc = nn.ModuleDict({s: RankingAccumulator(self.evaluation.ks) for s in SCORED_STAGES})
         self.final_metrics: dict[str, dict[str, float]] = {}  # exact float64 values of the last epoch

@@ -1,8 +1,9 @@
 """Exact full-ranking metrics over the whole catalogue, in item chunks, summed across ranks.
 
-Protocol (HSTU's): every item 1..N is a candidate; the pad item 0 never is. History items stay
-candidates unless an `exclude` list is given (SASRec+ / eSASRec's protocol: the user's history is
-removed; the target itself is never removed). The trainer logs both conventions.
+Protocol: every item 1..N is a candidate; the pad item 0 never is. History items stay candidates
+unless an `exclude` list is given (the user's history is removed; the target itself never is): the
+protocol of HSTU, SASRec+ and eSASRec, whose published numbers are comparable to the excluded
+metrics only (sinkrec.lit_module.ranking_names). The trainer logs both conventions.
 
 Ties count AGAINST the target:  rank = 1 + #{i in candidates, i != target : s_i >= s_target}.
 So a model that scores everything equal gets rank N, not 1. Per target:

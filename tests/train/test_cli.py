@@ -245,3 +245,5 @@ def test_ml1m_configs_compose_the_base_and_their_own_lines(name, expected, capsy
     assert cfg["trainer"]["max_time"] == "00:00:36:00" and cfg["trainer"]["precision"] == "32-true"
     assert cfg["trainer"]["default_root_dir"] == f"outputs/{name}"
     assert cfg["checkpoint"]["dirpath"] == f"checkpoints/{name}"
+    # selected on the convention the published anchors rank with (history removed), from the base
+    assert cfg["checkpoint"]["monitor"] == cfg["early_stopping"]["monitor"] == "val_seen_excluded/ndcg_10"
