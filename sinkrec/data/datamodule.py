@@ -48,6 +48,11 @@ class SeqRecDataModule(pl.LightningDataModule):
         pack: training batches hold their users back to back with `cu_seqlens` instead of left
             padding (SinkRec and GDN only): the same users per batch, no compute on padding.
             Validation, test and predict stay left-padded.
+        max_tokens: a token budget per training batch instead of a user count: each batch takes as
+            many users (up to `batch_size`) as fit, counting real events when packed and users x the
+            longest history when padded, so one 10k-event user costs what a hundred 100-event users
+            do. Costs: set-up reads every shard's item lists once on every rank (the lengths;
+            O(users) memory) and plans `trainer.max_epochs` epochs (sinkrec.data.stream.StageStream).
         verify: sha256 of the shards against the manifest: "full" (every shard at set-up, on every
             rank: reads the whole dataset once), "own" (each shard this process reads, before its
             first use: a rank hashes only its share), "off" (no hashing; unreadable or truncated files
@@ -66,17 +71,21 @@ class SeqRecDataModule(pl.LightningDataModule):
         seed: int = 1234,
         verify: Verify = "own",
         pack: bool = False,
+        max_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if (max_len is not None and max_len < 1) or batch_size < 1 or eval_batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
             raise ValueError(f"data.max_len/batch_size/eval_batch_size/shuffle_buffer must be >= 1 and "
                              f"data.num_workers >= 0, got {max_len}/{batch_size}/{eval_batch_size}/"
                              f"{shuffle_buffer} and {num_workers}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"data.max_tokens={max_tokens} must be >= 1 (tokens per training batch) or null")
         if verify not in VERIFY_MODES:
             raise ValueError(f"data.verify={verify!r} must be one of {VERIFY_MODES}")
         self.root, self.max_len, self.batch_size = Path(root), max_len, batch_size
         self.eval_batch_size, self.num_workers, self.bucket_batches = eval_batch_size, num_workers, bucket_batches
         self.shuffle_buffer, self.seed, self.verify, self.pack = shuffle_buffer, seed, verify, pack
+        self.max_tokens = max_tokens
         self.manifest = load_manifest(self.root)  # fails early, naming the file, if root is wrong
         self.index: ShardIndex | None = None
         self._train_loader: StreamLoader | None = None
@@ -117,7 +126,18 @@ class SeqRecDataModule(pl.LightningDataModule):
         train = stage == "train"
         return StageStream(self.index, stage, rank, world, self.num_workers,
                            self.batch_size if train else self.eval_batch_size, self.bucket_batches,
-                           self.shuffle_buffer, self.max_len, self.seed, self.kind_column, self.pack)
+                           self.shuffle_buffer, self.max_len, self.seed, self.kind_column, self.pack,
+                           self.max_tokens, self.plan_epochs() if train and self.max_tokens else 1)
+
+    def plan_epochs(self) -> int:
+        """Epochs a token-budget plan covers: the trainer's max_epochs (1 without a trainer)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 1
+        if trainer.max_epochs is None or trainer.max_epochs < 1:
+            raise ValueError(f"data.max_tokens needs a finite trainer.max_epochs (got {trainer.max_epochs}): "
+                             "the per-rank batch counts are planned for that many epochs")
+        return int(trainer.max_epochs)
 
     def loader(self, stage: Stage, rank: int | None = None, world: int | None = None) -> DataLoader:
         """The DataLoader of `stage` for (rank, world) (defaults: this process in the trainer's world)."""

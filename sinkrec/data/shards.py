@@ -208,6 +208,22 @@ class ShardIndex:
                     out.append(Unit(s, g, int(lo), int(hi)))
         return out
 
+    def read_lengths(self, shard: int, row_group: int, with_ts: bool) -> UserRows:
+        """Only what a batch plan needs (data.max_tokens): every user's event count, plus the
+        timestamps when `with_ts` (time_cutoff splits). No hash check, no item check: nothing trains
+        on these rows; the check runs when read() decodes them for a batch."""
+        path = shard_path(self.root, self.manifest["shards"][shard])
+        where = f"{path} (row group {row_group})"
+        try:
+            table = pq.ParquetFile(path).read_row_group(row_group, columns=[ITEM_IDX, TS] if with_ts else [ITEM_IDX])
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"{where}: cannot be read ({e}); the file is truncated or corrupt. "
+                             "Re-run the pipeline.") from None
+        offsets, _ = _flat(table.column(ITEM_IDX), where, ITEM_IDX)
+        ts = _flat(table.column(TS), where, TS)[1].astype(np.int64, copy=False) if with_ts else np.zeros(0, np.int64)
+        return UserRows(user_idx=np.zeros(len(offsets) - 1, np.int64), offsets=offsets,
+                        items=np.zeros(0, ITEM_DTYPE), ts=ts, side={})
+
     def read(self, unit: Unit) -> UserRows:
         """The unit's users. Checks the shard's hash first under verify='own', and every item id."""
         entry = self.manifest["shards"][unit.shard]

@@ -13,7 +13,11 @@ plan from the Parquet footers alone, sinkrec.data.shards.ShardIndex):
    only), are grouped `bucket_batches * batch_size` at a time, sorted by length inside the group and
    cut into batches (less padding), and the group's batch order is shuffled (training). With
    `data.pack` a training batch holds the same users back to back (collate_packed): no padding.
-4. Every slot yields the same number of batches, ceil(ceil(users / slots) / batch_size): a slot whose
+   With `data.max_tokens` a training batch takes as many users as fit in that many tokens
+   (cut_sizes) instead of `batch_size`; the batch count per slot is then planned at set-up from the
+   users' lengths (StageStream).
+4. Every slot yields the same number of batches, ceil(ceil(users / slots) / batch_size) (with a token
+   budget: the most any slot cuts in the planned epochs): a slot whose
    users run out early (a short slot, users without a target in this stage) yields empty batches
    (one pad row flagged `real_row=False`: no loss, no metric counts). DDP sees equal step counts.
 5. The DataLoader is map-style over (epoch, batch number) with a sampler that Lightning's
@@ -62,19 +66,50 @@ def slot_units(units: list[Unit], lo: int, hi: int) -> list[Unit]:
     return out
 
 
-def stage_examples(rows: UserRows, stage: Stage, split: dict[str, Any], max_len: int | None,
-                   kind_column: str | None) -> Iterator[dict[str, Any]]:
-    """The examples (collate.make_example) of the users of `rows` that have a target in `stage`."""
+def stage_rows(rows: UserRows, stage: Stage, split: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per user of `rows`: (end, first, eligible) of `stage` (collate.stage_bounds)."""
     ts_counts = None
     if split["protocol"] == "time_cutoff":
         user_of_event = np.repeat(np.arange(len(rows)), rows.lengths)
         ts_counts = {k: np.bincount(user_of_event[rows.ts < int(split[k])], minlength=len(rows)).astype(np.int64)
                      for k in ("valid_ts", "test_ts")}
     end, first = stage_bounds(rows.lengths, ts_counts, stage, split)
-    for r in np.flatnonzero(eligible(end, first, stage)):
+    return end, first, eligible(end, first, stage)
+
+
+def stage_examples(rows: UserRows, stage: Stage, split: dict[str, Any], max_len: int | None,
+                   kind_column: str | None) -> Iterator[dict[str, Any]]:
+    """The examples (collate.make_example) of the users of `rows` that have a target in `stage`."""
+    end, first, ok = stage_rows(rows, stage, split)
+    for r in np.flatnonzero(ok):
         items, ts, side = rows.row(r)
         kind = side.get(kind_column) if kind_column else None
         yield make_example(items, ts, kind, int(end[r]), int(first[r]), max_len, int(rows.user_idx[r]), True)
+
+
+def example_lengths(rows: UserRows, stage: Stage, split: dict[str, Any], max_len: int | None) -> np.ndarray:
+    """Per user of `rows`: the input length of its `stage` example (make_example), -1 if it has none."""
+    end, _, ok = stage_rows(rows, stage, split)
+    n = end - 1 if max_len is None else np.minimum(end - 1, max_len)
+    return np.where(ok, n, -1).astype(np.int32)
+
+
+def cut_sizes(lengths: list[int], batch_size: int, max_tokens: int | None, packed: bool) -> list[int]:
+    """How many users each batch of a group takes, the group sorted longest first: `batch_size` each;
+    with a token budget, as many (up to `batch_size`) as fit in `max_tokens` tokens: the sum of their
+    lengths when packed, users x the longest when left-padded. A user longer than the budget alone
+    fills a batch (pair long histories with `model.window` to bound its memory)."""
+    if max_tokens is None:
+        return [min(batch_size, len(lengths) - i) for i in range(0, len(lengths), batch_size)]
+    sizes, n, total, longest = [], 0, 0, 0
+    for length in lengths:
+        new_total, new_longest = total + max(1, length), max(longest, length, 1)
+        cost = new_total if packed else (n + 1) * new_longest
+        if n and (n == batch_size or cost > max_tokens):
+            sizes.append(n)
+            n, new_total, new_longest = 0, max(1, length), max(1, length)
+        n, total, longest = n + 1, new_total, new_longest
+    return sizes + [n] if n else sizes
 
 
 def empty_batch(pack: bool = False) -> dict[str, torch.Tensor]:
@@ -137,15 +172,26 @@ class StreamLoader(DataLoader):
 
 
 class StageStream(Dataset):
-    """Batches of one stage for one rank, built from that rank's slots (module docstring)."""
+    """Batches of one stage for one rank, built from that rank's slots (module docstring).
+
+    With `max_tokens` (training only) a batch holds as many users as fit in that many tokens
+    (cut_sizes), so a slot's batch count depends on its users' lengths. Set-up then reads every
+    user's length once (`ShardIndex.read_lengths`: the item lists of every shard, O(users) memory)
+    and replays the epoch plan of every slot on lengths alone (the shuffle's random draws do not
+    depend on the content, so the replay cuts exactly the batches the real stream cuts) for epochs
+    0 .. plan_epochs - 1; every slot then yields the largest count, short slots padded with empty
+    batches as without a budget."""
 
     def __init__(self, index: ShardIndex, stage: Stage, rank: int, world: int, workers: int, batch_size: int,
                  bucket_batches: int, shuffle_buffer: int, max_len: int | None, seed: int,
-                 kind_column: str | None, pack: bool = False) -> None:
+                 kind_column: str | None, pack: bool = False, max_tokens: int | None = None,
+                 plan_epochs: int = 1) -> None:
         self.index, self.stage, self.rank, self.world = index, stage, rank, world
-        self.collate = collate_packed if pack and stage == "train" else collate_left_pad  # data.pack
+        self.packed = pack and stage == "train"  # data.pack
+        self.collate = collate_packed if self.packed else collate_left_pad
         self.workers = max(1, workers)  # slots per rank (0 workers = the main process = one slot)
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
+        self.max_tokens = max_tokens if stage == "train" else None  # data.max_tokens
         self.group = max(1, bucket_batches) * batch_size
         self.shuffle = stage == "train"
         self.shuffle_buffer = shuffle_buffer
@@ -153,8 +199,17 @@ class StageStream(Dataset):
         self.slots = world * self.workers
         self.units = index.units(UNITS_PER_SLOT * self.slots)
         self.ranges = slot_ranges([u.rows for u in self.units], self.slots)
-        self.per_slot = -(-(self.ranges[0][1] - self.ranges[0][0]) // batch_size)  # the largest slot is first
         self._streams: dict[int, tuple[int, Iterator, int]] = {}  # slot -> (epoch, batches, next number)
+        self.plan_epochs = plan_epochs
+        if self.max_tokens is None:
+            self.per_slot = -(-(self.ranges[0][1] - self.ranges[0][0]) // batch_size)  # the largest slot is first
+            return
+        split = index.manifest["split"]
+        with_ts = split["protocol"] == "time_cutoff"
+        self._lengths = {(s, g): example_lengths(index.read_lengths(s, g, with_ts), stage, split, max_len)
+                         for s, g, _ in index.groups}
+        self.per_slot = max(1, max(sum(1 for _ in self._batches(e, slot, dry=True))
+                                   for e in range(plan_epochs) for slot in range(self.slots)))
 
     def __len__(self) -> int:
         return self.per_slot * self.workers
@@ -168,11 +223,17 @@ class StageStream(Dataset):
     def slot_plan(self, epoch: int, slot: int) -> list[Unit]:
         return slot_units(self.epoch_units(epoch), *self.ranges[slot])
 
-    def _examples(self, epoch: int, slot: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    def _examples(self, epoch: int, slot: int, rng: np.random.Generator, dry: bool) -> Iterator[Any]:
+        """The slot's examples in stream order; `dry`: only their lengths, in the same order."""
         split = self.index.manifest["split"]
-        pool: list[dict[str, Any]] = []
+        pool: list[Any] = []
         for unit in self.slot_plan(epoch, slot):
-            for ex in stage_examples(self.index.read(unit), self.stage, split, self.max_len, self.kind_column):
+            if dry:
+                lengths = self._lengths[unit.shard, unit.row_group][unit.lo : unit.hi]
+                source: Iterator[Any] = (int(n) for n in lengths if n >= 0)
+            else:
+                source = stage_examples(self.index.read(unit), self.stage, split, self.max_len, self.kind_column)
+            for ex in source:
                 if not self.shuffle:
                     yield ex
                     continue
@@ -184,19 +245,25 @@ class StageStream(Dataset):
         for j in rng.permutation(len(pool)) if pool else ():
             yield pool[j]
 
-    def _batches(self, epoch: int, slot: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _batches(self, epoch: int, slot: int, dry: bool = False) -> Iterator[Any]:
+        """The slot's batches of `epoch`, padded to per_slot; `dry`: the users' lengths of each batch
+        (not padded), from the same random draws."""
         rng = np.random.default_rng([self.seed, epoch, slot, 1])
-        group: list[dict[str, Any]] = []
+        size = (lambda n: n) if dry else (lambda e: len(e["items"]))
+        group: list[Any] = []
 
-        def cut(g: list[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
-            g = sorted(g, key=lambda e: -len(e["items"]))  # stable: equal lengths keep stream order
-            bs = [g[i : i + self.batch_size] for i in range(0, len(g), self.batch_size)]
+        def cut(g: list[Any]) -> Iterator[Any]:
+            g = sorted(g, key=lambda e: -size(e))  # stable: equal lengths keep stream order
+            bs, i = [], 0
+            for n in cut_sizes([size(e) for e in g], self.batch_size, self.max_tokens, self.packed):
+                bs.append(g[i : i + n])
+                i += n
             order = rng.permutation(len(bs)) if self.shuffle else range(len(bs))
             for i in order:
-                yield self.collate(bs[i])
+                yield bs[i] if dry else self.collate(bs[i])
 
         n = 0
-        for ex in self._examples(epoch, slot, rng):
+        for ex in self._examples(epoch, slot, rng, dry):
             group.append(ex)
             if len(group) == self.group:
                 for b in cut(group):
@@ -206,10 +273,16 @@ class StageStream(Dataset):
         for b in cut(group) if group else ():
             n += 1
             yield b
-        assert n <= self.per_slot, f"slot {slot} built {n} batches > {self.per_slot}"
+        if dry:
+            return
+        if n > self.per_slot:
+            raise RuntimeError(
+                f"epoch {epoch}: slot {slot} cut {n} batches under data.max_tokens={self.max_tokens}, but the "
+                f"loader was planned for {self.per_slot} (epochs 0..{self.plan_epochs - 1}); raise "
+                "trainer.max_epochs to cover every epoch that runs")
         while n < self.per_slot:
             n += 1
-            yield empty_batch(self.collate is collate_packed)
+            yield empty_batch(self.packed)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Batch number i of this rank in `epoch`: batch i // W of slot rank * W + i % W (W workers),

@@ -1,0 +1,85 @@
+"""Training batches bounded by a token budget (`data.max_tokens`; sinkrec.data.stream.cut_sizes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sinkrec.data import SeqRecDataModule
+from sinkrec.data.stream import cut_sizes
+from tests.train.conftest import fit_tiny_cli, make_processed
+
+
+def test_cut_sizes_fills_each_batch_up_to_the_budget():
+    longest_first = [5, 4, 3, 3, 1]
+    # packed: the sum of lengths; 5 | 4 + 3 | 3 + 1 (5 + 4 and 4 + 3 + 3 are over 8)
+    assert cut_sizes(longest_first, 100, 8, packed=True) == [1, 2, 2]
+    # padded: users x the longest; 5 | 2 x 4 | 2 x 3 (2 x 5 and 3 x 4 are over 8)
+    assert cut_sizes(longest_first, 100, 8, packed=False) == [1, 2, 2]
+    assert cut_sizes(longest_first, 100, 15, packed=True) == [4, 1]  # 5 + 4 + 3 + 3 = 15
+    assert cut_sizes(longest_first, 2, 100, packed=True) == [2, 2, 1]  # batch_size still caps users
+    assert cut_sizes([20, 2], 100, 8, packed=True) == [1, 1]  # over the budget alone: a batch of its own
+    assert cut_sizes(longest_first, 2, None, packed=True) == [2, 2, 1]  # no budget: batch_size users
+
+
+@pytest.fixture(scope="module")
+def heavy_tailed(tmp_path_factory):
+    """Lengths 4..120: a few long users among many short ones."""
+    return make_processed(tmp_path_factory.mktemp("budget") / "d", n_users=90, max_len=120, n_shards=3, seed=3)
+
+
+def _cost(batch, packed: bool) -> int:
+    if packed:
+        return int(batch["cu_seqlens"][-1])
+    return batch["items"].shape[0] * batch["items"].shape[1]
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("world", [1, 3])
+def test_budget_batches_keep_the_stream_guarantees(heavy_tailed, pack, world):
+    budget = 150
+    dm = SeqRecDataModule(str(heavy_tailed), max_len=None, batch_size=64, bucket_batches=4, shuffle_buffer=16,
+                          pack=pack, max_tokens=budget)
+    dm.plan_epochs = lambda: 3  # what trainer.max_epochs sets
+    everyone = None
+    for epoch in range(3):
+        seen, counts, busy = [], [], 0
+        for rank in range(world):
+            loader = dm.loader("train", rank, world)
+            loader.sampler.set_epoch(epoch)
+            n = 0
+            for batch in loader:
+                n += 1
+                users = batch["user_idx"][batch["real_row"]].tolist()
+                seen += users
+                busy += bool(users)
+                if len(users) > 1:
+                    assert _cost(batch, pack) <= budget, "a batch of several users stays within the budget"
+            counts.append(n)
+            slot, ds = rank, loader.dataset  # no workers: one slot per rank
+            real = sum(1 for b in ds._batches(epoch, slot) if b["real_row"].any())
+            assert real == sum(1 for _ in ds._batches(epoch, slot, dry=True)), "the plan replays the real cut"
+        assert len(set(counts)) == 1, f"unequal batch counts per rank: {counts}"
+        assert len(seen) == len(set(seen)), "a user twice in one epoch"
+        everyone = everyone or sorted(seen)
+        assert sorted(seen) == everyone, "every eligible user once per epoch"
+    assert counts[0] > -(-len(everyone) // (64 * world)), "the budget, not batch_size, sets the batch count"
+
+
+def test_budget_needs_a_finite_max_epochs(heavy_tailed):
+    dm = SeqRecDataModule(str(heavy_tailed), max_len=None, max_tokens=100)
+
+    class Trainer:
+        max_epochs, global_rank, world_size = -1, 0, 1
+
+    dm.trainer = Trainer()
+    with pytest.raises(ValueError, match="data.max_tokens needs a finite trainer.max_epochs"):
+        dm.loader("train")
+    with pytest.raises(ValueError, match="data.max_tokens=0 must be >= 1"):
+        SeqRecDataModule(str(heavy_tailed), max_tokens=0)
+
+
+def test_fit_with_a_token_budget_from_the_command_line(heavy_tailed, tmp_path):
+    ckpt = fit_tiny_cli(heavy_tailed, tmp_path, "--model.config.arch", "gdn", "--data.max_len", "null",
+                        "--data.pack", "true", "--data.max_tokens", "200", "--trainer.max_epochs", "2")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
+                                      if v.is_floating_point())
