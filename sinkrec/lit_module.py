@@ -17,6 +17,7 @@ from torch import nn
 
 from sinkrec.metrics import RankingAccumulator, target_ranks, top_k
 from sinkrec.model import SinkRecConfig, build_model
+from sinkrec.modules.packed import packed_index, unpack_left
 from sinkrec.windows import defer_codebook_updates, flush_codebook_updates, windowed_forward, windowed_loss
 
 
@@ -149,6 +150,9 @@ class SeqRecModule(pl.LightningModule):
         rows, pos = (targets > 0).nonzero(as_tuple=True)  # one entry per target
         T = targets.shape[1]
         seen = torch.arange(T, device=targets.device)[None, :] <= pos[:, None]  # history up to the query
+        if "cu_seqlens" in batch:  # packed (one row): the history is the query's own sequence only
+            seq, _ = packed_index(batch["cu_seqlens"], T)
+            seen &= seq[None, :] == seq[pos][:, None]
         kinds = batch["target_kind"][rows, pos]
         kinds = kinds if (kinds >= 0).any() else None
         table = self.model.item_embeddings().detach()
@@ -209,6 +213,9 @@ class SeqRecModule(pl.LightningModule):
         keep = batch["real_row"].nonzero(as_tuple=True)[0][: self.evaluation.diag_users]
         if len(keep) == 0:  # a rank-balancing empty batch
             return
+        if "cu_seqlens" in batch:  # the diagnostics read [B, T] rows
+            batch = {k: unpack_left(batch[k], batch["cu_seqlens"], keep) for k in ("items", "ts")}
+            keep = torch.arange(len(keep))
         # returns {} for models without a recurrent state (SASRec); keys look like "sink/excess_occupancy"
         diag = sink_diagnostics(self.model, batch["items"][keep], batch["ts"][keep],
                                 min_repeats=self.evaluation.diag_min_repeats)

@@ -47,7 +47,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         seed: seeds the per-epoch shuffle (with the epoch number).
         pack: training batches hold their users back to back with `cu_seqlens` instead of left
             padding (SinkRec and GDN only): the same users per batch, no compute on padding.
-            Validation, test and predict stay left-padded.
+            Validation and test are packed too; predict stays left-padded (top-k reads [B, T] rows).
         max_tokens: a token budget per training batch instead of a user count: each batch takes as
             many users (up to `batch_size`) as fit, counting real events when packed and users x the
             longest history when padded, so one 10k-event user costs what a hundred 100-event users

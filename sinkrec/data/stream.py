@@ -12,7 +12,8 @@ plan from the Parquet footers alone, sinkrec.data.shards.ShardIndex):
 3. Within a slot, users stream through a bounded shuffle pool (`shuffle_buffer` users, training
    only), are grouped `bucket_batches * batch_size` at a time, sorted by length inside the group and
    cut into batches (less padding), and the group's batch order is shuffled (training). With
-   `data.pack` a training batch holds the same users back to back (collate_packed): no padding.
+   `data.pack` a batch (training, validation, test) holds the same users back to back
+   (collate_packed): no padding.
    With `data.max_tokens` a training batch takes as many users as fit in that many tokens
    (cut_sizes) instead of `batch_size`; the batch count per slot is then planned at set-up from the
    users' lengths (StageStream).
@@ -187,7 +188,7 @@ class StageStream(Dataset):
                  kind_column: str | None, pack: bool = False, max_tokens: int | None = None,
                  plan_epochs: int = 1) -> None:
         self.index, self.stage, self.rank, self.world = index, stage, rank, world
-        self.packed = pack and stage == "train"  # data.pack
+        self.packed = pack and stage != "predict"  # data.pack (predict keeps [B, T] rows for top-k)
         self.collate = collate_packed if self.packed else collate_left_pad
         self.workers = max(1, workers)  # slots per rank (0 workers = the main process = one slot)
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed

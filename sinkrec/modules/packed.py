@@ -19,6 +19,18 @@ def packed_index(cu_seqlens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
     return seq, t - cu[seq]
 
 
+def unpack_left(x: torch.Tensor, cu_seqlens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Packed x [1, N] -> the sequences `keep` [K] as LEFT-padded rows [K, T] (0 = pad), the layout
+    of an unpacked batch (for code that reads [B, T] batches, e.g. the sink diagnostics)."""
+    bounds = cu_seqlens.tolist()
+    parts = [x[0, bounds[s] : bounds[s + 1]] for s in keep.tolist()]
+    out = x.new_zeros(len(parts), max([1, *(len(p) for p in parts)]))
+    for r, p in enumerate(parts):
+        if len(p):
+            out[r, out.shape[1] - len(p) :] = p
+    return out
+
+
 def check_packed(items: torch.Tensor, ts: torch.Tensor, cu_seqlens: torch.Tensor, who: str) -> None:
     """The model-side checks of a packed batch (the delta-rule op checks the bounds themselves)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64) \
