@@ -12,45 +12,52 @@ the gate on habits (issue 9).
 from __future__ import annotations
 
 import argparse
+
 import torch
+
 from sinkrec.data import SeqRecDataModule
 from sinkrec.layers.tdgd import recurring_codes
 from sinkrec.lit_module import SeqRecModule
 
-ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("ckpt")
-ap.add_argument("root")
-ap.add_argument("--batches", type=int, default=8, help="validation batches of 128 users read")
-args = ap.parse_args()
-ckpt, root = args.ckpt, args.root
-module = SeqRecModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-model, n_codes = module.model.eval(), module.config.n_codes
-dm = SeqRecDataModule(root, max_len=256, eval_batch_size=128)
-acc = {}
-def add(key, x):
-    s, n = acc.get(key, (0.0, 0))
-    acc[key] = (s + float(x.sum()), n + x.numel())
-with torch.no_grad():
-    for i, b in enumerate(dm.loader("val", 0, 1)):
-        if i == args.batches:
-            break
-        items, ts, kind = b["items"], b["ts"], b["input_kind"]
-        mask = items != 0
-        out = model(items, ts, return_states=True)
-        # item recurrence: this item already occurred earlier in the row
-        T = items.shape[1]
-        same = (items[:, :, None] == items[:, None, :]) & mask[:, :, None]
-        earlier = torch.tril(torch.ones(T, T, dtype=torch.bool), -1)
-        item_rec = (same & earlier).any(-1) & mask
-        for name, k in (("habit", 1), ("dynamic", 0)):
-            sel = mask & (kind == k)
-            add(f"item recurs | {name}", item_rec[sel].float())
-            for j, rec in enumerate(out.states):
-                if rec.get("codes") is None:
-                    continue
-                tgt = recurring_codes(rec["codes"], mask, n_codes)
-                add(f"pass {j}: code tuple recurs | {name}", tgt[sel].float())
-                add(f"pass {j}: rho | {name}", rec["rho"].mean(-1)[sel])
-for k in sorted(acc):
-    s, n = acc[k]
-    print(f"{k:40s} {s / max(n, 1):.3f}  (n={n})")
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpt")
+    ap.add_argument("root")
+    ap.add_argument("--batches", type=int, default=8, help="validation batches of 128 users read")
+    args = ap.parse_args(argv)
+    module = SeqRecModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
+    model, cfg = module.model.eval(), module.config
+    dm = SeqRecDataModule(args.root, max_len=256, eval_batch_size=128)
+    sums: dict[str, tuple[float, int]] = {}
+
+    def add(key: str, x: torch.Tensor) -> None:
+        s, n = sums.get(key, (0.0, 0))
+        sums[key] = (s + float(x.sum()), n + x.numel())
+
+    with torch.no_grad():
+        for i, b in enumerate(dm.loader("val", 0, 1)):
+            if i == args.batches:
+                break
+            items, kind = b["items"], b["input_kind"]
+            mask = items != 0
+            out = model(items, b["ts"], return_states=True)
+            # the item itself occurred earlier in the row: recurring_codes with the item id as the one code
+            item_recurs = recurring_codes(items[..., None], mask, cfg.num_items + 1)
+            targets = [recurring_codes(rec["codes"], mask, cfg.n_codes) if rec.get("codes") is not None else None
+                       for rec in out.states]
+            for name, k in (("habit", 1), ("dynamic", 0)):
+                sel = mask & (kind == k)
+                add(f"item recurs | {name}", item_recurs[sel].float())
+                for j, (rec, target) in enumerate(zip(out.states, targets)):
+                    if target is not None:
+                        add(f"pass {j}: code tuple recurs | {name}", target[sel].float())
+                        add(f"pass {j}: rho | {name}", rec["rho"].mean(-1)[sel])
+    result = {k: s / max(n, 1) for k, (s, n) in sorted(sums.items())}
+    for k, (s, n) in sorted(sums.items()):
+        print(f"{k:40s} {s / max(n, 1):.3f}  (n={n})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

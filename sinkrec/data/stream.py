@@ -104,11 +104,12 @@ def cut_sizes(lengths: list[int], batch_size: int, max_tokens: int | None, packe
         return [min(batch_size, len(lengths) - i) for i in range(0, len(lengths), batch_size)]
     sizes, n, total, longest = [], 0, 0, 0
     for length in lengths:
-        new_total, new_longest = total + max(1, length), max(longest, length, 1)
+        length = max(1, length)  # a row costs at least one position
+        new_total, new_longest = total + length, max(longest, length)
         cost = new_total if packed else (n + 1) * new_longest
         if n and (n == batch_size or cost > max_tokens):
             sizes.append(n)
-            n, new_total, new_longest = 0, max(1, length), max(1, length)
+            n, new_total, new_longest = 0, length, length
         n, total, longest = n + 1, new_total, new_longest
     return sizes + [n] if n else sizes
 

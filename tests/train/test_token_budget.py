@@ -42,7 +42,7 @@ def test_budget_batches_keep_the_stream_guarantees(heavy_tailed, pack, world):
     dm.plan_epochs = lambda: 3  # what trainer.max_epochs sets
     everyone = None
     for epoch in range(3):
-        seen, counts, busy = [], [], 0
+        seen, counts = [], []
         for rank in range(world):
             loader = dm.loader("train", rank, world)
             loader.sampler.set_epoch(epoch)
@@ -51,7 +51,6 @@ def test_budget_batches_keep_the_stream_guarantees(heavy_tailed, pack, world):
                 n += 1
                 users = batch["user_idx"][batch["real_row"]].tolist()
                 seen += users
-                busy += bool(users)
                 if len(users) > 1:
                     assert _cost(batch, pack) <= budget, "a batch of several users stays within the budget"
             counts.append(n)
