@@ -31,6 +31,15 @@ class SinkRecConfig:
     # tuple already occurred earlier in the sequence" (a recurring local pattern). 0 = the spec's rho,
     # learned by the task loss alone (docs/MODEL.md, docs/STUDY.md: it stays at its init there)
     coverage_weight: float = 0.0
+    # what rho is supervised towards: "codes" = the position's RVQ code tuple recurs (the memory's own
+    # notion of a recurring pattern) | "items" = the position's item already occurred earlier in the
+    # sequence (a repeat consumption; docs/MODEL.md)
+    coverage_target: str = "codes"
+    # rho also sees whether the position's item already occurred earlier in the sequence:
+    # rho = sigmoid(s_rho <k, km> + b_rho + c_rep * repeat_t), c_rep per head, init 0 (= the spec at
+    # init). The spec's rho is a function of the position's own key and memory key, which cannot tell
+    # a repeat from a first occurrence (docs/MODEL.md). Whole sequences only (no windows / streaming)
+    repeat_gate: bool = False
     ema_decay: float = 0.99  # EMA decay of the codebook statistics
     time_scale: float = 3600.0  # seconds; phi = log1p(dt / time_scale)
     conv_size: int = 4  # short causal conv kernel (q/k/v) and local-pattern window of the memory
@@ -78,6 +87,15 @@ class SinkRecConfig:
                              "samplers; set one of them")
         if self.coverage_weight < 0:
             raise ValueError(f"SinkRecConfig.coverage_weight={self.coverage_weight} must be >= 0")
+        if self.repeat_gate and not (self.memory and self.arch == "sinkrec"):
+            raise ValueError(f"SinkRecConfig.repeat_gate=True acts on the memory coverage rho: it needs "
+                             f"arch 'sinkrec' with memory=True (got arch={self.arch!r}, memory={self.memory})")
+        if self.repeat_gate and self.gate_backend == "triton":
+            raise ValueError("SinkRecConfig.repeat_gate=True is not implemented in the triton gate kernel; "
+                             "set gate_backend 'reference', 'compile' or 'auto' (auto then picks reference)")
+        if self.coverage_target not in ("codes", "items"):
+            raise ValueError(f"SinkRecConfig.coverage_target={self.coverage_target!r} must be 'codes' (the RVQ "
+                             "code tuple recurs) or 'items' (the item recurs)")
         if self.n_loops < 1 or self.n_blocks < 1:
             raise ValueError(f"SinkRecConfig: n_blocks={self.n_blocks} and n_loops={self.n_loops} must be >= 1")
         if self.arch == "elastic":

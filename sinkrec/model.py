@@ -18,6 +18,7 @@ from torch import nn
 
 from sinkrec.config import ARCHS, SinkRecConfig
 from sinkrec.layers import ElasticBlock, SinkRecBlock
+from sinkrec.layers.tdgd import recurring_codes
 from sinkrec.losses import full_softmax_loss, sampled_softmax_loss
 from sinkrec.modules import RMSNorm, SwiGLU, l2norm
 from sinkrec.modules.packed import check_packed, packed_index
@@ -140,6 +141,14 @@ class SinkRec(SeqRecModel):
         phi = time_features(ts, mask, self.cfg.time_scale, prev, cu_seqlens)
         h = self.emb_dropout(self.embed(self.item_emb(items)))
         commit, coverage, states = h.new_zeros(()), h.new_zeros(()), [] if return_states else None
+        # the item already occurred earlier in its sequence: rho's repeat term (repeat_gate) and the
+        # coverage target "items"
+        cfg, item_recurs = self.cfg, None
+        if cfg.repeat_gate or (self.training and cfg.coverage_weight > 0 and cfg.coverage_target == "items"):
+            if cache is not None and cfg.repeat_gate:
+                raise ValueError("SinkRec.forward: repeat_gate=True needs whole sequences (it marks items seen "
+                                 "earlier in the sequence); windows and streaming (cache=) are not supported")
+            item_recurs = recurring_codes(items[..., None], mask, cfg.num_items + 1, cu_seqlens)
         passes = [] if cache is not None else None
         i = 0
         for loop in range(self.cfg.n_loops):
@@ -148,7 +157,9 @@ class SinkRec(SeqRecModel):
                 # zero pads so the convolutions of the first real events see zeros, whatever
                 # the amount of left padding
                 h, c, cov, record, new = block(h * keep, phi, mask, return_states,
-                                               None if cache is None else cache["passes"][i], cu_seqlens)
+                                               None if cache is None else cache["passes"][i], cu_seqlens,
+                                               item_recurs if cfg.coverage_target == "items" else None,
+                                               item_recurs if cfg.repeat_gate else None)
                 commit, coverage, i = commit + c, coverage + cov, i + 1
                 if return_states:
                     states.append(record)

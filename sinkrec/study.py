@@ -21,6 +21,14 @@
 `--quick` runs a tiny version of the same machinery (about 2 minutes) and writes its report under
 the work directory, never over docs/STUDY.md. `--resume` reuses finished runs found in the work
 directory (each run's summary.json), so an interrupted study continues where it stopped.
+
+A part of the grid: `--ratios`, `--archs`, `--ablations`, `--variants` replace the grid's lists (a
+report of a part needs its own `--report` path). `--part i/n` trains every n-th run from the i-th
+and writes no report, so n processes can share one work directory; a last `--resume` run with the
+same grid then writes the report from their runs:
+
+    python -m sinkrec.study --ratios 0.7 --archs sinkrec gdn --ablations --variants repeat_gate \
+        --part 0/2 --report docs/results/x.md &   # and --part 1/2 beside it, then without --part
 """
 from __future__ import annotations
 
@@ -59,11 +67,18 @@ ABLATIONS = {
 # Design changes tried when the spec's SinkRec did not get there (docs/MODEL.md), run like ablations.
 VARIANTS = {
     "coverage_sup": ["--model.config.coverage_weight", "1.0"],  # rho supervised by recurring RVQ codes
+    # rho sees whether the item occurred earlier in the sequence (task loss only) ...
+    "repeat_gate": ["--model.config.repeat_gate", "true"],
+    # ... and is also supervised towards it
+    "repeat_gate_sup": ["--model.config.repeat_gate", "true", "--model.config.coverage_weight", "1.0",
+                        "--model.config.coverage_target", "items"],
 }
 SWITCHES = {**ABLATIONS, **VARIANTS}
 LABEL = {"sinkrec": "SinkRec", "gdn": "GDN (= memory off)", "sasrec": "SASRec", "elastic": "ELASTIC",
          **{f"sinkrec+{a}": f"SinkRec, {a.replace('_', ' ')}" for a in ABLATIONS},
-         "sinkrec+coverage_sup": "SinkRec + coverage supervision"}
+         "sinkrec+coverage_sup": "SinkRec + coverage supervision",
+         "sinkrec+repeat_gate": "SinkRec + repeat gate",
+         "sinkrec+repeat_gate_sup": "SinkRec + repeat gate, supervised"}
 
 
 @dataclass(frozen=True)
@@ -464,8 +479,11 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         "## Grid (mean ± sample std over seeds)", "", *results_table(groups, main_keys), "",
         f"## Ablations at repeat ratio {top}", "",
         "`memory: off` is the GDN row: `arch: gdn` builds SinkRec with `memory=False` (the same code path).",
-        "`coverage supervision` is not an ablation but a design change (docs/MODEL.md): rho trained to",
-        "open on recurring RVQ code tuples (`--model.config.coverage_weight 1.0`).", "",
+        "`coverage supervision` and `repeat gate` are not ablations but design changes (docs/MODEL.md):",
+        "rho trained to open on recurring RVQ code tuples (`--model.config.coverage_weight 1.0`); rho given",
+        "a learned term for \"this item occurred earlier in the sequence\" (`--model.config.repeat_gate true`),",
+        "learned by the task loss alone or also supervised towards item recurrence (`, supervised`:",
+        "`--model.config.coverage_weight 1.0 --model.config.coverage_target items`).", "",
         *results_table(groups, abl_keys), "",
         "## Figures", "",
         *(f"![{f.stem}]({rel(f)})" for f in files), "",
@@ -518,8 +536,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", type=Path, default=None,
                    help="markdown report (default docs/STUDY.md; --quick: <work>/STUDY.md)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--ratios", type=float, nargs="+", default=None, help="replace the grid's repeat ratios")
+    p.add_argument("--archs", nargs="+", default=None, choices=("sinkrec", "gdn", "sasrec", "elastic"))
+    p.add_argument("--ablations", nargs="*", default=None, choices=tuple(ABLATIONS), help="at the highest ratio")
+    p.add_argument("--variants", nargs="*", default=None, choices=tuple(VARIANTS), help="at the highest ratio")
+    p.add_argument("--part", default=None, help="i/n: train every n-th run from the i-th; no report")
     args = p.parse_args(argv)
     g = QUICK if args.quick else FULL
+    subset = {k: tuple(v) for k in ("ratios", "archs", "ablations", "variants") if (v := getattr(args, k)) is not None}
+    if subset:
+        if args.report is None and not args.quick:
+            p.error("a part of the grid (--ratios/--archs/--ablations/--variants) needs --report: "
+                    "docs/STUDY.md is the whole grid's report")
+        g = dataclasses.replace(g, **subset)
+    part = None
+    if args.part is not None:
+        try:
+            part = tuple(int(x) for x in args.part.split("/"))
+            assert len(part) == 2 and 0 <= part[0] < part[1]
+        except (ValueError, AssertionError):
+            p.error(f"--part {args.part!r}: expected i/n with 0 <= i < n, e.g. 0/2")
     work = args.work or Path("outputs") / ("study-quick" if args.quick else "study")
     path = args.report or (work / "STUDY.md" if args.quick else Path("docs/STUDY.md"))
     command = shlex.join(["python", "-m", "sinkrec.study", *argv])
@@ -537,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in g.ratios:
         print(f"[study] data: {prepare_data(g, ratio)}", flush=True)
     runs = grid_runs(g)
+    if part is not None:
+        runs = runs[part[0]::part[1]]
     rows = []
     with mlflow.start_run(run_name=f"study-{g.name}") as parent:
         mlflow.set_tags({"study.grid": json.dumps(dataclasses.asdict(g)), "study.command": command})
@@ -544,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[study] run {i + 1}/{len(runs)}: {run.tag} ({(time.perf_counter() - t0) / 60:.1f} min so far)",
                   flush=True)
             rows.append(train_and_analyse(g, run, parent.info.run_id, uri, work, args.resume))
+        if part is not None:
+            print(f"[study] part {args.part}: {len(rows)} runs done; run the same command without --part and "
+                  "with --resume for the report", flush=True)
+            return 0 if all(r.get("summary") for r in rows) else 1
         best_epochs(rows, uri)
         text = report(g, rows, work, path, command, parent.info.run_id, uri, time.perf_counter() - t0)
     print(text)

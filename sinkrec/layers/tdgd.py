@@ -21,6 +21,9 @@ from sinkrec.modules.packed import packed_index
 from sinkrec.ops import fused_gates, gated_delta_rule
 
 
+REPEAT_SCALE = 8.0  # repeat_gate: the multiplier of c_rep in rho's pre-activation (see TDGD.__init__)
+
+
 class TDGD(nn.Module):
     """Returns the residual update y [B, T, D] (not h + y). Built from the model config: d_model,
     n_heads, the switches memory / purify_write / diff_read / temporal, conv_size and the backends."""
@@ -53,6 +56,10 @@ class TDGD(nn.Module):
             # rho = sigmoid(4 <k, km> - 2): small unless the key points at the memory key
             self.s_rho = nn.Parameter(torch.full((H,), 4.0))
             self.b_rho = nn.Parameter(torch.full((H,), -2.0))
+            # repeat_gate: rho's pre-activation + REPEAT_SCALE * c_rep * (the item occurred earlier); c_rep = 0
+            # is the spec at init. Adam moves a parameter by about lr per step: unscaled, c_rep would need
+            # thousands of steps to reach the scale of rho's logits (s_rho = 4)
+            self.c_rep = nn.Parameter(torch.zeros(H)) if cfg.repeat_gate else None
         else:
             # unused by the memory-off gates; buffers keep the fused-gate call signature uniform
             self.register_buffer("s_rho", torch.zeros(H), persistent=False)
@@ -63,7 +70,7 @@ class TDGD(nn.Module):
     def forward(
         self, h: torch.Tensor, m: torch.Tensor | None, phi: torch.Tensor, mask: torch.Tensor,
         return_record: bool = False, cache: dict[str, torch.Tensor] | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None, repeat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict | None, dict[str, torch.Tensor] | None]:
         """h [B, T, D], m [B, T, D] | None, phi [B, T] float, mask [B, T] bool -> (y [B, T, D], record,
         cache after the last position | None).
@@ -71,8 +78,14 @@ class TDGD(nn.Module):
         `cache` ({"conv": [B, W - 1, n_conv], "S": [B, H, K, V]}, see init_cache) continues the
         sequences from a previous window (T = 1 is the O(1)-per-event streaming step); None starts them.
         `cu_seqlens` [S + 1] (sinkrec/modules/packed.py): h is [1, T, D] packed sequences; the conv and
-        the delta rule restart at every sequence start (record["S"] is then [S, H, K, V])."""
+        the delta rule restart at every sequence start (record["S"] is then [S, H, K, V]).
+        `repeat` bool [B, T] (needed with repeat_gate): the position's item occurred earlier in its sequence."""
         H, K, V = self.H, self.K, self.V
+        rho_bias = None
+        if self.memory and self.c_rep is not None:
+            if repeat is None:
+                raise ValueError("TDGD: repeat_gate=True needs repeat= (bool [B, T]: the item occurred earlier)")
+            rho_bias = REPEAT_SCALE * self.c_rep * repeat[..., None].to(self.c_rep.dtype)  # [B, T, H]
         u = self.norm(h)
         # projections: [q | k | v] through the short conv, output gate og, gate logits a_x, b_x
         qkv, og, a_x, b_x = self.w_in(u).split([self.n_conv, H * V, H, H], dim=-1)
@@ -89,7 +102,7 @@ class TDGD(nn.Module):
             q, k, v, km, vm, a_x, b_x, l_x, phi, mask,
             self.A_log, self.dt_bias, self.c_a, self.c_b, self.s_rho, self.b_rho,
             memory=self.memory, purify_write=self.purify_write, diff_read=self.diff_read,
-            temporal=self.temporal, backend=self.gate_backend,
+            temporal=self.temporal, backend=self.gate_backend, rho_bias=rho_bias,
         )
         # scale=1: the spec reads o = S q~ exactly; o_norm below removes the overall scale
         # under autocast the gates can come back in float32 beside bf16 projections; the kernel
@@ -108,8 +121,11 @@ class TDGD(nn.Module):
         if return_record:  # what the sink diagnostics read (sinkrec.diagnostics)
             # beta: the write strength the state actually gets (purified: b * (1 - rho));
             # rho: memory coverage (zero without memory)
-            rho = torch.sigmoid(self.s_rho * (k * km).sum(-1) + self.b_rho) if self.memory else \
-                torch.zeros_like(gates.beta)
+            if self.memory:
+                z_rho = self.s_rho * (k * km).sum(-1) + self.b_rho
+                rho = torch.sigmoid(z_rho if rho_bias is None else z_rho + rho_bias)
+            else:
+                rho = torch.zeros_like(gates.beta)
             record = {"S": state, "k": k, "v": v, "o": o, "beta": gates.beta, "rho": rho}
         return y, record, None if cache is None else {"conv": conv_buf, "S": state}
 
@@ -155,10 +171,13 @@ class SinkRecBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, h, phi, mask, return_record: bool = False, cache: dict | None = None,
-                cu_seqlens: torch.Tensor | None = None):
+                cu_seqlens: torch.Tensor | None = None, coverage_target: torch.Tensor | None = None,
+                repeat: torch.Tensor | None = None):
         """h [B, T, D] (zero at pads) -> (h [B, T, D], commitment loss, coverage loss, record | None,
         cache | None). `cache` (init_cache) continues the sequences from a previous window.
-        `cu_seqlens` [S + 1]: h is [1, T, D] packed sequences (not together with `cache`)."""
+        `cu_seqlens` [S + 1]: h is [1, T, D] packed sequences (not together with `cache`).
+        `coverage_target` bool [B, T]: what the coverage loss trains rho towards; None = this pass's
+        recurring RVQ code tuples. `repeat` bool [B, T]: the item occurred earlier (repeat_gate)."""
         m, commit, codes, new = None, h.new_zeros(()), None, None if cache is None else {}
         if self.memory is not None:
             h, m, commit, codes, buf = self.memory(h, mask, None if cache is None else cache["memory"], cu_seqlens)
@@ -166,12 +185,14 @@ class SinkRecBlock(nn.Module):
                 new["memory"] = buf
         supervise = self.memory is not None and self.coverage_weight > 0 and self.training
         y, record, tdgd_cache = self.tdgd(h, m, phi, mask, return_record or supervise,
-                                          None if cache is None else cache["tdgd"], cu_seqlens)
+                                          None if cache is None else cache["tdgd"], cu_seqlens, repeat)
         if cache is not None:
             new["tdgd"] = tdgd_cache
         coverage = h.new_zeros(())
         if supervise:
-            target = recurring_codes(codes, mask, self.n_codes, cu_seqlens).to(record["rho"].dtype)  # [B, T]
+            if coverage_target is None:
+                coverage_target = recurring_codes(codes, mask, self.n_codes, cu_seqlens)
+            target = coverage_target.to(record["rho"].dtype)  # [B, T]
             rho = record["rho"].clamp(1e-6, 1 - 1e-6)  # [B, T, H]
             bce = F.binary_cross_entropy(rho, target[..., None].expand_as(rho), reduction="none").mean(-1)
             coverage = (bce * mask).sum() / mask.sum().clamp_min(1)

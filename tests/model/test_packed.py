@@ -66,6 +66,10 @@ CASES = [
     # coverage supervision (training mode): "occurred earlier in the same sequence"; few codes so
     # that code tuples recur, inside a sequence and across its boundaries
     ("sinkrec", {"coverage_weight": 0.5, "n_codes": 4}, True),
+    # ... with the item-recurrence target (the items recur inside and across sequences)
+    ("sinkrec", {"coverage_weight": 0.5, "coverage_target": "items"}, True),
+    # rho's repeat term: "occurred earlier" must stop at the boundaries in eval mode too
+    ("sinkrec", {"repeat_gate": True}, False),
 ]
 
 

@@ -77,19 +77,30 @@ def fused_gates(
     diff_read: bool = True,
     temporal: bool = True,
     backend: str = "auto",
+    rho_bias: torch.Tensor | None = None,
 ) -> GateOut:
     """The TDGD gates of every position (see `naive.py` for the math and the switches).
 
     Shapes: q, k, km [B, T, H, K]; v, vm [B, T, H, V]; a_x, b_x, l_x [B, T, H]; phi, mask [B, T];
     A_log, dt_bias, c_a, c_b, s_rho, b_rho [H]. km, vm, l_x may be None when memory=False (l_x also
-    when diff_read=False), phi when temporal=False.
+    when diff_read=False), phi when temporal=False. `rho_bias` [B, T, H] (memory only; reference and
+    compile backends): a per-position term added to rho's pre-activation.
     Returns GateOut(q~ [B, T, H, K], v~ [B, T, H, V], g, beta~, r [B, T, H] or None).
     """
-    impl = resolve_gate_backend(backend, q)
+    # auto with rho_bias: the reference (the triton kernel has no per-position rho term)
+    impl = "reference" if backend == "auto" and rho_bias is not None else resolve_gate_backend(backend, q)
     params = {"A_log": A_log, "dt_bias": dt_bias, "c_a": c_a, "c_b": c_b, "s_rho": s_rho, "b_rho": b_rho}
     _check_inputs(q, k, v, km, vm, a_x, b_x, l_x, phi, mask, params, memory, diff_read, temporal)
     args = (q, k, v, km, vm, a_x, b_x, l_x, phi, mask, *params.values())
     flags = {"memory": memory, "purify_write": purify_write, "diff_read": diff_read, "temporal": temporal}
+    if rho_bias is not None:
+        if not memory or tuple(rho_bias.shape) != tuple(a_x.shape):
+            raise ValueError(f"fused_gates: rho_bias must have shape {tuple(a_x.shape)} (B, T, H) and needs "
+                             f"memory=True; got shape {tuple(rho_bias.shape)}, memory={memory}")
+        if impl == "triton":
+            raise ValueError("fused_gates: rho_bias (SinkRecConfig.repeat_gate) is not implemented in the "
+                             "triton gate kernel; use gate_backend 'reference', 'compile' or 'auto'")
+        flags["rho_bias"] = rho_bias
     if impl == "reference":
         return gates_reference(*args, **flags)
     if impl == "compile":

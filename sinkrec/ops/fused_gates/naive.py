@@ -1,7 +1,7 @@
 """PyTorch reference for the fused TDGD gate / purification math (the spec; autograd backward).
 
 Per position and head (SINKREC.md section 2), with k, q, km already l2-normalised:
-    rho   = sigmoid(s_rho * <k, km> + b_rho)                  memory coverage
+    rho   = sigmoid(s_rho * <k, km> + b_rho [+ rho_bias])     memory coverage
     g     = -exp(A_log) * softplus(a_x + c_a * phi + dt_bias)  log decay (<= 0)
     b     = sigmoid(b_x + c_b * phi)                           write strength
     beta~ = b * (1 - rho)                                      purified write strength
@@ -14,6 +14,8 @@ so the state does not change. Switches (each a real code path):
     purify_write=False  beta~ = b, v~ = v   (rho still feeds the read term)
     diff_read=False     q~ = q
     temporal=False      phi is ignored (c_a, c_b unused)
+`rho_bias` [B, T, H] (optional, default None = the spec): a per-position term added to rho's
+pre-activation (SinkRecConfig.repeat_gate: c_rep * "the item occurred earlier in the sequence").
 """
 from __future__ import annotations
 
@@ -52,9 +54,10 @@ def gates_reference(
     purify_write: bool = True,
     diff_read: bool = True,
     temporal: bool = True,
+    rho_bias: torch.Tensor | None = None,
 ) -> GateOut:
     """Shapes: q, k, km [B, T, H, K]; v, vm [B, T, H, V]; a_x, b_x, l_x [B, T, H];
-    phi, mask [B, T]; A_log, dt_bias, c_a, c_b, s_rho, b_rho [H]."""
+    phi, mask [B, T]; A_log, dt_bias, c_a, c_b, s_rho, b_rho [H]; rho_bias [B, T, H] or None."""
     mask = mask.to(a_x.dtype)[..., None]  # [B, T, 1], broadcasts over heads
     za, zb = a_x + dt_bias, b_x
     if temporal:
@@ -64,7 +67,8 @@ def gates_reference(
     b = torch.sigmoid(zb) * mask
     if not memory:
         return GateOut(q, v, g, b, None)
-    rho = torch.sigmoid(s_rho * (k * km).sum(-1) + b_rho)  # [B, T, H]
+    z_rho = s_rho * (k * km).sum(-1) + b_rho  # [B, T, H]
+    rho = torch.sigmoid(z_rho if rho_bias is None else z_rho + rho_bias)
     r = rho * (q * km).sum(-1)
     if purify_write:
         beta, v = b * (1 - rho), v - rho[..., None] * vm
