@@ -179,10 +179,10 @@ class StageStream(Dataset):
     With `max_tokens` (training only) a batch holds as many users as fit in that many tokens
     (cut_sizes), so a slot's batch count depends on its users' lengths. Set-up then reads every
     user's length once (`ShardIndex.read_lengths`: the item lists of every shard, O(users) memory)
-    and replays the epoch plan of every slot on lengths alone (the shuffle's random draws do not
+    and replays the epoch plan of its slots on lengths alone (the shuffle's random draws do not
     depend on the content, so the replay cuts exactly the batches the real stream cuts) for epochs
-    0 .. plan_epochs - 1; every slot then yields the largest count, short slots padded with empty
-    batches as without a budget."""
+    0 .. plan_epochs - 1; every slot then yields the largest count over all ranks (`_plan`), short
+    slots padded with empty batches as without a budget."""
 
     def __init__(self, index: ShardIndex, stage: Stage, rank: int, world: int, workers: int, batch_size: int,
                  bucket_batches: int, shuffle_buffer: int, max_len: int | None, seed: int,
@@ -210,8 +210,27 @@ class StageStream(Dataset):
         with_ts = split["protocol"] == "time_cutoff"
         self._lengths = {(s, g): example_lengths(index.read_lengths(s, g, with_ts), stage, split, max_len)
                          for s, g, _ in index.groups}
-        self.per_slot = max(1, max(sum(1 for _ in self._batches(e, slot, dry=True))
-                                   for e in range(plan_epochs) for slot in range(self.slots)))
+        self.per_slot = max(1, self._plan())
+
+    def _plan(self) -> int:
+        """The most batches any slot cuts in epochs 0 .. plan_epochs - 1 under the token budget.
+
+        In a distributed run whose process group is this stream's (rank, world), each rank replays
+        only its own slots and the ranks exchange their maxima (one all_gather_object): the replay
+        costs ~5 us per user and epoch in Python, so every rank replaying every slot would cost
+        O(all users x epochs) per rank. Without such a group (one process, or a test that builds
+        every rank's stream in one process) every slot is replayed here: the same number."""
+        import torch.distributed as dist
+
+        grouped = (self.world > 1 and dist.is_available() and dist.is_initialized()
+                   and dist.get_world_size() == self.world and dist.get_rank() == self.rank)
+        slots = range(self.rank * self.workers, (self.rank + 1) * self.workers) if grouped else range(self.slots)
+        most = max(sum(1 for _ in self._batches(e, slot, dry=True)) for e in range(self.plan_epochs) for slot in slots)
+        if grouped:
+            every: list[Any] = [None] * self.world
+            dist.all_gather_object(every, most)
+            most = max(every)
+        return most
 
     def __len__(self) -> int:
         return self.per_slot * self.workers

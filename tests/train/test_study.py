@@ -54,3 +54,14 @@ def test_verdict_needs_ten_percent_on_every_seed_and_lower_occupancy():
     assert "**met**" in "\n".join(study.verdict(grid, _rows([(0.12, 0.10), (0.115, 0.10)])))
     assert "**not met**" in "\n".join(study.verdict(grid, _rows([(0.13, 0.10), (0.099, 0.10)])))  # one seed worse
     assert "**not met**" in "\n".join(study.verdict(grid, _rows([(0.105, 0.10), (0.105, 0.10)])))  # +5%
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--ratios", "0.7"], "needs --report"),
+    (["--variants", "repeat_gate", "--part", "2/2", "--report", "x.md"], "expected i/n"),
+    (["--variants", "no_such_variant", "--report", "x.md"], "invalid choice"),
+])
+def test_part_grid_flags_refuse_what_would_overwrite_or_skip(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        study.main(argv)
+    assert message in capsys.readouterr().err

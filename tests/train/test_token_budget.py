@@ -82,3 +82,58 @@ def test_fit_with_a_token_budget_from_the_command_line(heavy_tailed, tmp_path):
                         "--data.pack", "true", "--data.max_tokens", "200", "--trainer.max_epochs", "2")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
                                       if v.is_floating_point())
+
+
+_PLAN_WORKER = r'''
+import sys, torch.distributed as dist
+from sinkrec.data import SeqRecDataModule
+from sinkrec.data.stream import StageStream
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+replayed = []
+original = StageStream._batches
+def counting(self, epoch, slot, dry=False):
+    if dry:
+        replayed.append(slot)
+    return original(self, epoch, slot, dry)
+StageStream._batches = counting
+dm = SeqRecDataModule(sys.argv[1], max_len=None, batch_size=64, bucket_batches=4, shuffle_buffer=16,
+                      pack=True, max_tokens=150, num_workers=2)
+dm.plan_epochs = lambda: 3
+ds = dm.stream("train", rank, 2)
+print("PLAN", rank, ds.per_slot, sorted(set(replayed)))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.dist
+def test_distributed_plan_replays_own_slots_and_agrees_with_the_full_replay(heavy_tailed, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dm = SeqRecDataModule(str(heavy_tailed), max_len=None, batch_size=64, bucket_batches=4, shuffle_buffer=16,
+                          pack=True, max_tokens=150, num_workers=2)
+    dm.plan_epochs = lambda: 3
+    want = dm.stream("train", 0, 2).per_slot  # no process group: every slot replayed here
+    script = tmp_path / "worker.py"
+    script.write_text(_PLAN_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, str(script), str(heavy_tailed)], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(root), "RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    plans = {}
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        _, rank, per_slot, slots = next(line for line in out.splitlines() if line.startswith("PLAN")).split(" ", 3)
+        plans[int(rank)] = (int(per_slot), slots)
+    # 2 ranks x 2 workers = 4 slots: each rank replays its own two, and both agree on the global maximum
+    assert plans == {0: (want, "[0, 1]"), 1: (want, "[2, 3]")}
