@@ -9,7 +9,7 @@ from sinkrec import study
 
 def test_full_grid_is_ratios_x_models_x_seeds_plus_ablations_at_the_top_ratio():
     runs = study.grid_runs(study.FULL)
-    assert len(runs) == 3 * len(study.FULL.archs) * 2 + (len(study.ABLATIONS) + len(study.VARIANTS)) * 2
+    assert len(runs) == 3 * len(study.FULL.archs) * 2 + (len(study.ABLATIONS) + len(study.FULL.variants)) * 2
     assert len({r.tag for r in runs}) == len(runs)
     assert {r.ratio for r in runs if "+" in r.model} == {0.7}
     assert all(r.arch == "sinkrec" for r in runs if "+" in r.model)
