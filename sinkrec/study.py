@@ -376,7 +376,28 @@ def plots(g: Grid, rows: list[dict], analyses: dict, outdir: Path) -> list[Path]
     files.append(outdir / "metric_vs_ratio.png")
     fig.savefig(files[-1], dpi=110)
     plt.close(fig)
-    # 2. the sink curve and 3. occupancy vs habit share: users pooled over ratios, mean +- std over seeds
+    # 2. every model at the highest ratio (the ablations and design variants beside SinkRec and GDN)
+    top = max(g.ratios)
+    models = [m for m in ("sinkrec", "gdn", *(f"sinkrec+{a}" for a in (*g.ablations, *g.variants)))
+              if groups.get((top, m))]
+    if models:
+        fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(models) + 2), 4))
+        width = 0.8 / 3
+        for j, (k, title) in enumerate((("ndcg_10", "all targets"), ("habit/ndcg_10", "habit targets"),
+                                        ("dynamic/ndcg_10", "dynamic targets"))):
+            ms = [mean_std([r["summary"][k] for r in groups[(top, m)]]) for m in models]
+            ax.bar([i + (j - 1) * width for i in range(len(models))], [m for m, _ in ms], width,
+                   yerr=[0 if not math.isfinite(sd) else sd for _, sd in ms], capsize=3, label=title)
+        ax.set_xticks(range(len(models)), [LABEL.get(m, m).replace(", ", ",\n") for m in models], fontsize=7)
+        ax.set_ylabel("NDCG@10 (mean ± std over seeds)")
+        ax.set_title(f"every model at repeat ratio {top}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files.append(outdir / "models_at_top_ratio.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    # 3. the sink curve and 4. occupancy vs habit share: users pooled over ratios, mean +- std over seeds
     centers = [(lo + min(hi, 1.0)) / 2 for lo, hi in itertools.pairwise(BUCKETS)]
     recurrent = tuple(a for a in g.archs if a in ("sinkrec", "gdn"))  # the archs with a delta-rule state
     for values, dyn, name, ylabel, archs in (
