@@ -90,3 +90,35 @@ def test_dispatcher_rejects_unknown_backend():
     tensors, params, phi, mask = make_inputs()
     with pytest.raises(ValueError, match="gate_backend"):
         fused_gates(*tensors.values(), phi, mask, *params.values(), backend="cuda-magic")
+
+
+def test_rho_bias_shifts_rho_per_position_and_only_where_it_can():
+    tensors, params, phi, mask = make_inputs()
+    B, T, H = tensors["a_x"].shape
+    base = gates_reference(**tensors, phi=phi, mask=mask, **params)
+    # a bias constant over positions is a shift of b_rho
+    shift = torch.linspace(-1, 1, H)
+    shifted = gates_reference(**tensors, phi=phi, mask=mask, **{**params, "b_rho": params["b_rho"] + shift})
+    got = fused_gates(*tensors.values(), phi, mask, *params.values(), backend="reference",
+                      rho_bias=shift.expand(B, T, H))
+    for a, b in zip(got, shifted):
+        torch.testing.assert_close(a, b)
+    # a bias at one position changes that position only
+    bias = torch.zeros(B, T, H)
+    bias[0, -1] = 3.0
+    one = fused_gates(*tensors.values(), phi, mask, *params.values(), backend="reference", rho_bias=bias)
+    changed = (one.beta != base.beta).any(-1)
+    assert changed[0, -1] and changed.sum() == 1
+    with pytest.raises(ValueError, match="rho_bias must have shape"):
+        fused_gates(*tensors.values(), phi, mask, *params.values(), backend="reference", rho_bias=bias[:, :1])
+    with pytest.raises(ValueError, match="not implemented in the triton gate kernel"):
+        fused_gates(*tensors.values(), phi, mask, *params.values(), backend="triton", rho_bias=bias)
+
+
+def test_compile_takes_rho_bias_like_the_reference():
+    tensors, params, phi, mask = make_inputs()
+    bias = torch.randn(tensors["a_x"].shape)
+    want = fused_gates(*tensors.values(), phi, mask, *params.values(), backend="reference", rho_bias=bias)
+    got = fused_gates(*tensors.values(), phi, mask, *params.values(), backend="compile", rho_bias=bias)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
