@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from sinkrec.data import SeqRecDataModule
-from sinkrec.layers.tdgd import recurring_codes
+from sinkrec.layers.tdgd import recurring_codes, recurring_items
 from sinkrec.lit_module import SeqRecModule
 
 
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             items, kind = b["items"], b["input_kind"]
             mask = items != 0
             out = model(items, b["ts"], return_states=True)
-            # the item itself occurred earlier in the row: recurring_codes with the item id as the one code
-            item_recurs = recurring_codes(items[..., None], mask, cfg.num_items + 1)
+            item_recurs = recurring_items(items, mask, cfg.num_items)  # what a habit is
             targets = [recurring_codes(rec["codes"], mask, cfg.n_codes) if rec.get("codes") is not None else None
                        for rec in out.states]
             for name, k in (("habit", 1), ("dynamic", 0)):

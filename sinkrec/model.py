@@ -18,7 +18,7 @@ from torch import nn
 
 from sinkrec.config import ARCHS, SinkRecConfig
 from sinkrec.layers import ElasticBlock, SinkRecBlock
-from sinkrec.layers.tdgd import recurring_codes
+from sinkrec.layers.tdgd import recurring_items
 from sinkrec.losses import full_softmax_loss, sampled_softmax_loss
 from sinkrec.modules import RMSNorm, SwiGLU, l2norm
 from sinkrec.modules.packed import check_packed, packed_index
@@ -148,7 +148,7 @@ class SinkRec(SeqRecModel):
             if cache is not None and cfg.repeat_gate:
                 raise ValueError("SinkRec.forward: repeat_gate=True needs whole sequences (it marks items seen "
                                  "earlier in the sequence); windows and streaming (cache=) are not supported")
-            item_recurs = recurring_codes(items[..., None], mask, cfg.num_items + 1, cu_seqlens)
+            item_recurs = recurring_items(items, mask, cfg.num_items, cu_seqlens)
         passes = [] if cache is not None else None
         i = 0
         for loop in range(self.cfg.n_loops):

@@ -19,7 +19,7 @@ from sinkrec.config import SinkRecConfig
 from sinkrec.modules import RMSNorm, RVQMemory, ShortConv, SwiGLU, l2norm
 from sinkrec.modules.packed import packed_index
 from sinkrec.ops import fused_gates, gated_delta_rule
-
+from sinkrec.ops.fused_gates.naive import coverage_rho
 
 REPEAT_SCALE = 8.0  # repeat_gate: the multiplier of c_rep in rho's pre-activation (see TDGD.__init__)
 
@@ -64,6 +64,7 @@ class TDGD(nn.Module):
             # unused by the memory-off gates; buffers keep the fused-gate call signature uniform
             self.register_buffer("s_rho", torch.zeros(H), persistent=False)
             self.register_buffer("b_rho", torch.zeros(H), persistent=False)
+            self.c_rep = None
         self.o_norm = RMSNorm(V)
         self.w_o = nn.Linear(H * V, cfg.d_model, bias=False)
 
@@ -82,7 +83,7 @@ class TDGD(nn.Module):
         `repeat` bool [B, T] (needed with repeat_gate): the position's item occurred earlier in its sequence."""
         H, K, V = self.H, self.K, self.V
         rho_bias = None
-        if self.memory and self.c_rep is not None:
+        if self.c_rep is not None:
             if repeat is None:
                 raise ValueError("TDGD: repeat_gate=True needs repeat= (bool [B, T]: the item occurred earlier)")
             rho_bias = REPEAT_SCALE * self.c_rep * repeat[..., None].to(self.c_rep.dtype)  # [B, T, H]
@@ -121,11 +122,8 @@ class TDGD(nn.Module):
         if return_record:  # what the sink diagnostics read (sinkrec.diagnostics)
             # beta: the write strength the state actually gets (purified: b * (1 - rho));
             # rho: memory coverage (zero without memory)
-            if self.memory:
-                z_rho = self.s_rho * (k * km).sum(-1) + self.b_rho
-                rho = torch.sigmoid(z_rho if rho_bias is None else z_rho + rho_bias)
-            else:
-                rho = torch.zeros_like(gates.beta)
+            rho = coverage_rho(k, km, self.s_rho, self.b_rho, rho_bias) if self.memory else \
+                torch.zeros_like(gates.beta)
             record = {"S": state, "k": k, "v": v, "o": o, "beta": gates.beta, "rho": rho}
         return y, record, None if cache is None else {"conv": conv_buf, "S": state}
 
@@ -156,6 +154,13 @@ def recurring_codes(codes: torch.Tensor, mask: torch.Tensor, n_codes: int,
     first[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
     seen = torch.zeros_like(mask).scatter_(1, order, ~first)
     return seen & mask
+
+
+def recurring_items(items: torch.Tensor, mask: torch.Tensor, num_items: int,
+                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """items [B, T] (ids 1..num_items) -> bool [B, T]: the item already occurred at an earlier real
+    position of its sequence (recurring_codes with the item id as the one code)."""
+    return recurring_codes(items[..., None], mask, num_items + 1, cu_seqlens)
 
 
 class SinkRecBlock(nn.Module):

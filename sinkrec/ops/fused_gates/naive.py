@@ -33,6 +33,13 @@ class GateOut(NamedTuple):
     r: torch.Tensor | None  # [B, T, H] memory read coefficient (None without memory)
 
 
+def coverage_rho(k: torch.Tensor, km: torch.Tensor, s_rho: torch.Tensor, b_rho: torch.Tensor,
+                 rho_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """rho [B, T, H] = sigmoid(s_rho <k, km> + b_rho [+ rho_bias]): the memory coverage (k, km [B, T, H, K])."""
+    z = s_rho * (k * km).sum(-1) + b_rho
+    return torch.sigmoid(z if rho_bias is None else z + rho_bias)
+
+
 def gates_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -67,8 +74,7 @@ def gates_reference(
     b = torch.sigmoid(zb) * mask
     if not memory:
         return GateOut(q, v, g, b, None)
-    z_rho = s_rho * (k * km).sum(-1) + b_rho  # [B, T, H]
-    rho = torch.sigmoid(z_rho if rho_bias is None else z_rho + rho_bias)
+    rho = coverage_rho(k, km, s_rho, b_rho, rho_bias)  # [B, T, H]
     r = rho * (q * km).sum(-1)
     if purify_write:
         beta, v = b * (1 - rho), v - rho[..., None] * vm
