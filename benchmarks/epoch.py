@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     p.add_argument("--bf16", action="store_true", help="also time each loss under bf16 autocast")
+    p.add_argument("--conv-backends", nargs="+", default=["auto"], choices=["auto", "reference", "channels_last"],
+                   help="the short convs' backend (model.config.conv_backend); several: timed side by side")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dm = SeqRecDataModule(root=args.root, max_len=200, batch_size=128)
@@ -76,14 +78,19 @@ def main() -> None:
     print("| arch | loss | step s | head s | head share | epoch estimate s | speed-up vs the first row |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for arch in args.archs:
-        torch.manual_seed(0)
-        model = build_model(SinkRecConfig(num_items=dm.num_items, arch=arch, d_model=64, n_heads=2, n_blocks=2,
-                                          n_loops=1, n_codes=128, dropout=0.2))
-        time_step(model, batches[0], LOSSES["full"])  # warm-up
+        models = {}
+        for conv in args.conv_backends if arch != "sasrec" else ["auto"]:
+            torch.manual_seed(0)
+            models[conv] = build_model(SinkRecConfig(num_items=dm.num_items, arch=arch, d_model=64, n_heads=2,
+                                                     n_blocks=2, n_loops=1, n_codes=128, dropout=0.2,
+                                                     conv_backend=conv))
+            time_step(models[conv], batches[0], LOSSES["full"])  # warm-up
         base = None
         runs = [(n, False) for n in args.losses] + ([(n, True) for n in args.losses] if args.bf16 else [])
-        for loss_name, bf16 in runs:
-            name = loss_name + (" bf16" if bf16 else "")
+        runs = [(n, bf16, conv) for n, bf16 in runs for conv in models]
+        for loss_name, bf16, conv in runs:
+            model = models[conv]
+            name = loss_name + (" bf16" if bf16 else "") + (f", conv {conv}" if len(models) > 1 else "")
             times = [time_step(model, b, LOSSES[loss_name], bf16) for b in batches]
             step = statistics.median(t for t, _ in times)
             head = statistics.median(h for _, h in times)

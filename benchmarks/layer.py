@@ -11,6 +11,8 @@ Layers (all d_model = 64, 2 heads, the residual update of one sublayer, no FFN):
     sdpa_masked     the same layer as sinkrec.model.SASRec runs it: a [B, 1, T, T] causal & key-is-real
                     mask built per call, so SDPA takes its O(T^2)-memory math path
     tdgd_chunk      TDGD (SinkRec's layer), chunked delta rule; tdgd_recurrent: per-step delta rule
+    tdgd_chunk_conv1d  tdgd_chunk with its short conv on the F.conv1d reference (conv_backend=reference)
+                    instead of the [B, T, C] fast path: the gain of sinkrec/ops/short_conv side by side
     elastic_lda     ELASTIC's linear dispatcher attention (32 dispatchers per head), chunked
     elastic         elastic_lda, then the product-key memory (128^2 slots, top 8) on its output
 Besides fwd+bwd, every case except tdgd_recurrent also times a no-grad forward (inference).
@@ -40,7 +42,7 @@ import torch
 
 D_MODEL, N_HEADS, TOKENS = 64, 2, 16384
 SEQ_LENS = (200, 1024, 4096, 16384)  # B = TOKENS // T (81 x 200 = 16,200 tokens at T = 200)
-KINDS = ("sdpa", "sdpa_masked", "tdgd_chunk", "tdgd_recurrent", "elastic_lda", "elastic")
+KINDS = ("sdpa", "sdpa_masked", "tdgd_chunk", "tdgd_chunk_conv1d", "tdgd_recurrent", "elastic_lda", "elastic")
 RESULTS = Path("bench_results/layer.json")
 
 
@@ -90,9 +92,10 @@ def _layer_case(kind: str, T: int, reps: int) -> dict:
             y = lda(h, mask)[0]
             return y if pkm is None else y + pkm(h + y)  # the block's second residual sublayer
     else:
-        backend = kind.removeprefix("tdgd_")
+        backend = kind.removeprefix("tdgd_").removesuffix("_conv1d")
+        conv = "reference" if kind.endswith("_conv1d") else "auto"
         layer = TDGD(SinkRecConfig(num_items=1, d_model=D_MODEL, n_heads=N_HEADS, kernel_backend=backend,
-                                   gate_backend="reference").validate())
+                                   gate_backend="reference", conv_backend=conv).validate())
         m = torch.randn(B, T, D_MODEL)  # retrieved memory value, as the block passes it
         phi = torch.rand(B, T)
         run = lambda: layer(h, m, phi, mask)[0]
@@ -269,6 +272,7 @@ def _goals(res: dict) -> list[tuple[str, float, float]]:
 
 
 LABELS = {"sdpa": "SDPA fused", "sdpa_masked": "SDPA masked", "tdgd_chunk": "TDGD chunk",
+          "tdgd_chunk_conv1d": "TDGD chunk, conv1d",
           "tdgd_recurrent": "TDGD recurrent", "elastic_lda": "ELASTIC LDA", "elastic": "ELASTIC LDA+IMR"}
 
 

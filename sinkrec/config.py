@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sinkrec.ops import FUSED_GATES_BACKENDS, GATED_DELTA_BACKENDS
+from sinkrec.ops import FUSED_GATES_BACKENDS, GATED_DELTA_BACKENDS, SHORT_CONV_BACKENDS
 
 ARCHS = ("sinkrec", "gdn", "sasrec", "elastic")
 
@@ -53,6 +53,7 @@ class SinkRecConfig:
     l2_norm: bool = False  # score with unit-norm query and item vectors (cosine); HSTU's recipe
     kernel_backend: str = "auto"  # delta-rule backend: "auto" | "chunk" | "recurrent" | "fla"
     gate_backend: str = "auto"  # fused gates: "reference" | "compile" | "triton" | "auto"
+    conv_backend: str = "auto"  # short convs (TDGD q/k/v, RVQ pattern): "reference" | "channels_last" | "auto"
     init_std: float = 0.02  # std of the item / position / loop embeddings
     input_norm: bool = True  # RMSNorm the input embeddings (the tied table stays small for the head)
     # ELASTIC only (../shared/ELASTIC.md); n_blocks, n_heads, dropout apply, n_loops / max_len do not
@@ -82,6 +83,9 @@ class SinkRecConfig:
         if self.gate_backend not in FUSED_GATES_BACKENDS:
             raise ValueError(f"SinkRecConfig.gate_backend={self.gate_backend!r} must be one of "
                              f"{FUSED_GATES_BACKENDS}")
+        if self.conv_backend not in SHORT_CONV_BACKENDS:
+            raise ValueError(f"SinkRecConfig.conv_backend={self.conv_backend!r} must be one of "
+                             f"{SHORT_CONV_BACKENDS}")
         if self.per_position_negatives and self.in_batch_negatives:
             raise ValueError("SinkRecConfig: per_position_negatives and in_batch_negatives are two different "
                              "samplers; set one of them")

@@ -42,7 +42,7 @@ class TDGD(nn.Module):
         #   (H each; no bias, as in the spec). GDN's parameters are a subset of SinkRec's.
         self.n_conv = H * (2 * K + V)
         self.w_in = nn.Linear(cfg.d_model, self.n_conv + H * V + 2 * H, bias=False)
-        self.conv = ShortConv(self.n_conv, cfg.conv_size)
+        self.conv = ShortConv(self.n_conv, cfg.conv_size, activation="silu", backend=cfg.conv_backend)
         # Gated DeltaNet / Mamba2 init: decay rate A in [1, 16], softplus(dt_bias) in [1e-3, 1e-1]
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
         dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)))
@@ -90,8 +90,8 @@ class TDGD(nn.Module):
         u = self.norm(h)
         # projections: [q | k | v] through the short conv, output gate og, gate logits a_x, b_x
         qkv, og, a_x, b_x = self.w_in(u).split([self.n_conv, H * V, H, H], dim=-1)
-        conv_out, conv_buf = self.conv(qkv, None if cache is None else cache["conv"], cu_seqlens)
-        qk, v = F.silu(conv_out).split([2 * H * K, H * V], dim=-1)
+        conv_out, conv_buf = self.conv(qkv, None if cache is None else cache["conv"], cu_seqlens)  # SiLU'd
+        qk, v = conv_out.split([2 * H * K, H * V], dim=-1)
         q, k = l2norm(qk.unflatten(-1, (2 * H, K))).split(H, dim=-2)  # one norm pass: [B, T, 2H, K]
         v, og = v.unflatten(-1, (H, V)), og.unflatten(-1, (H, V))
         km = vm = l_x = None
@@ -169,7 +169,8 @@ class SinkRecBlock(nn.Module):
     def __init__(self, cfg: SinkRecConfig) -> None:
         super().__init__()
         self.n_codes, self.coverage_weight = cfg.n_codes, cfg.coverage_weight
-        self.memory = RVQMemory(cfg.d_model, cfg.n_levels, cfg.n_codes, cfg.conv_size, cfg.ema_decay) \
+        self.memory = RVQMemory(cfg.d_model, cfg.n_levels, cfg.n_codes, cfg.conv_size, cfg.ema_decay,
+                                conv_backend=cfg.conv_backend) \
             if cfg.memory else None
         self.tdgd = TDGD(cfg)
         self.ffn = SwiGLU(cfg.d_model, dropout=cfg.dropout)

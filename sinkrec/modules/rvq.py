@@ -81,6 +81,7 @@ class RVQMemory(nn.Module):
         window: int = 4,
         ema_decay: float = 0.99,
         restart_threshold: float = 0.03,
+        conv_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.d_model, self.n_levels, self.n_codes = d_model, n_levels, n_codes
@@ -88,7 +89,7 @@ class RVQMemory(nn.Module):
         # a code is dead when its EMA usage falls below this fraction of the mean usage;
         # relative, so it works for any batch size and any number of codes
         self.restart_threshold = restart_threshold
-        self.pattern_conv = ShortConv(d_model, window)
+        self.pattern_conv = ShortConv(d_model, window, backend=conv_backend)
         # fixed-scale norm (no learnable gain): z lives on the sphere of radius sqrt(D), so
         # the commitment loss cannot shrink z toward the origin to cheat the codebook
         self.pattern_eps = 1e-6

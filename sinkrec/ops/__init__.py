@@ -8,13 +8,17 @@ from sinkrec.ops.fused_gates import BACKENDS as FUSED_GATES_BACKENDS
 from sinkrec.ops.fused_gates import GateOut, fused_gates
 from sinkrec.ops.gated_delta import BACKENDS as GATED_DELTA_BACKENDS
 from sinkrec.ops.gated_delta import gated_delta_rule
+from sinkrec.ops.short_conv import BACKENDS as SHORT_CONV_BACKENDS
+from sinkrec.ops.short_conv import short_conv
 
 __all__ = [
     "DISPATCHER_BACKENDS",
     "FUSED_GATES_BACKENDS",
     "GATED_DELTA_BACKENDS",
+    "SHORT_CONV_BACKENDS",
     "GateOut",
     "dispatcher_attention",
     "fused_gates",
     "gated_delta_rule",
+    "short_conv",
 ]
