@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows bench-packing bench-same-seed compare study mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows bench-packing bench-plan-read bench-same-seed compare study mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -81,6 +81,9 @@ bench-windows: setup  # peak RSS and time of one training step at T = 1k-16k: on
 
 bench-packing: setup  # packing (data.pack) vs padding: compute on padding per epoch, real events/s
 	$(PYTHON) -m benchmarks.packing $(ARGS)
+
+bench-plan-read: setup  # what a data.max_tokens plan reads at set-up: the n_events column vs the item lists
+	$(PYTHON) -m benchmarks.plan_read $(ARGS)
 
 BASE ?= HEAD
 bench-same-seed: setup  # a refactor must not move a number: same-seed test metrics here vs BASE

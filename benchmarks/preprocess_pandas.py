@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for shard, part in df.groupby("shard", sort=True):
         seq = part.groupby("user_idx", sort=True).agg({c: list for c in ["item_idx", "ts", *a.event_features]})
+        seq["n_events"] = seq["item_idx"].map(len).astype(np.int32)  # the contract's event count
         pq.write_table(pa.Table.from_pandas(seq.reset_index(), preserve_index=False),
                        out / f"part-{int(shard):05d}.parquet", compression="zstd")
     print(json.dumps({"events": len(df), "users": len(users), "items": len(items)}))

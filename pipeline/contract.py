@@ -15,6 +15,10 @@ USER_IDX = "user_idx"  # int64
 ITEM_IDX = "item_idx"  # list<int32>: contiguous ids 1..num_items, 0 = padding (never stored)
 TS = "ts"  # list<int64>: seconds since the Unix epoch, non-decreasing per user
 REQUIRED_COLUMNS = (USER_IDX, ITEM_IDX, TS)
+# int32: len(item_idx), the user's event count. A batch plan under a token budget (data.max_tokens)
+# reads this one small column instead of every item list. Optional: a dataset written before it
+# existed is planned from its item lists (same numbers, O(events) read instead of O(users)).
+N_EVENTS = "n_events"
 ITEM_DTYPE, TS_DTYPE, USER_DTYPE = "int32", "int64", "int64"  # numpy names of the dtypes above
 # Side columns (`manifest.side_columns`, e.g. SinkBench's `kind`): list<integer> or list<float>,
 # read in the type they were written in (a float feature is never truncated to an integer).

@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.errors import PipelineError
+from pipeline.contract import N_EVENTS
 from pipeline.schema import ITEM_IDX, SHARD, TS, USER_IDX
 
 
@@ -66,7 +67,9 @@ def empty_shard(schema: pl.Schema, event_features: list[str]) -> pl.DataFrame:
 
 
 def write_shard(sequences: pl.DataFrame, path: Path, row_group_users: int) -> dict:
-    """Write one shard file; returns {rows, events}."""
+    """Write one shard file, with each user's event count as the last column (N_EVENTS); returns
+    {rows, events}."""
+    sequences = sequences.with_columns(pl.col(ITEM_IDX).list.len().cast(pl.Int32).alias(N_EVENTS))
     sequences.write_parquet(path, compression="zstd", statistics=True, row_group_size=row_group_users)
-    events = int(sequences[ITEM_IDX].list.len().sum()) if sequences.height else 0
+    events = int(sequences[N_EVENTS].sum()) if sequences.height else 0
     return {"rows": sequences.height, "events": events}

@@ -51,8 +51,10 @@ class SeqRecDataModule(pl.LightningDataModule):
         max_tokens: a token budget per training batch instead of a user count: each batch takes as
             many users (up to `batch_size`) as fit, counting real events when packed and users x the
             longest history when padded, so one 10k-event user costs what a hundred 100-event users
-            do. Costs: set-up reads every shard's item lists once on every rank (the lengths;
-            O(users) memory) and plans `trainer.max_epochs` epochs (sinkrec.data.stream.StageStream).
+            do. Costs: set-up reads every user's event count on every rank (the shards' `n_events`
+            column, 4 bytes per user; a dataset written before that column: its item lists, every
+            event; time_cutoff splits: the timestamp lists) and plans `trainer.max_epochs` epochs
+            (sinkrec.data.stream.StageStream).
         verify: sha256 of the shards against the manifest: "full" (every shard at set-up, on every
             rank: reads the whole dataset once), "own" (each shard this process reads, before its
             first use: a rank hashes only its share), "off" (no hashing; unreadable or truncated files

@@ -30,6 +30,7 @@ from pipeline.contract import (
     ITEM_DTYPE,
     ITEM_IDX,
     MANIFEST,
+    N_EVENTS,
     PROTOCOLS,
     REQUIRED_COLUMNS,
     TS,
@@ -153,9 +154,10 @@ class ShardIndex:
     """The row groups of every shard, from the Parquet footers (no data pages are read)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], groups: list[tuple[int, int, int]],
-                 verify: Verify) -> None:
+                 verify: Verify, counted: set[int] | None = None) -> None:
         self.root, self.manifest, self.verify = root, manifest, verify
         self.groups = groups  # (shard, row group, rows)
+        self.counted = counted or set()  # the shards that carry the N_EVENTS column
         self.side_names = list(manifest.get("side_columns", []))
         self.num_items = int(manifest["num_items"])
         self._verified: set[int] = set()
@@ -167,7 +169,7 @@ class ShardIndex:
         root = Path(root)
         if verify == "full":
             verify_shards(root, manifest)
-        groups = []
+        groups, counted = [], set()
         for s, entry in enumerate(manifest["shards"]):
             path = shard_path(root, entry)
             if not path.is_file():
@@ -184,7 +186,9 @@ class ShardIndex:
             if "rows" in entry and meta.num_rows != entry["rows"]:
                 raise ShardError(f"{path}: {meta.num_rows} rows, {root / MANIFEST} says {entry['rows']}")
             groups += [(s, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-        return cls(root, manifest, groups, verify)
+            if N_EVENTS in names:
+                counted.add(s)
+        return cls(root, manifest, groups, verify, counted)
 
     @staticmethod
     def _side(manifest: dict[str, Any]) -> list[str]:
@@ -210,17 +214,26 @@ class ShardIndex:
 
     def read_lengths(self, shard: int, row_group: int, with_ts: bool) -> UserRows:
         """Only what a batch plan needs (data.max_tokens): every user's event count, plus the
-        timestamps when `with_ts` (time_cutoff splits). No hash check, no item check: nothing trains
-        on these rows; the check runs when read() decodes them for a batch."""
+        timestamps when `with_ts` (time_cutoff splits). The counts come from the N_EVENTS column
+        (4 bytes per user) where the shard has it, else from the item lists (every event). No hash
+        check, no item check: nothing trains on these rows; the checks run when read() decodes them
+        for a batch (and refuse a count that disagrees with its list)."""
         path = shard_path(self.root, self.manifest["shards"][shard])
         where = f"{path} (row group {row_group})"
+        source = TS if with_ts else N_EVENTS if shard in self.counted else ITEM_IDX
         try:
-            table = pq.ParquetFile(path).read_row_group(row_group, columns=[ITEM_IDX, TS] if with_ts else [ITEM_IDX])
+            table = pq.ParquetFile(path).read_row_group(row_group, columns=[source])
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{where}: cannot be read ({e}); the file is truncated or corrupt. "
                              "Re-run the pipeline.") from None
-        offsets, _ = _flat(table.column(ITEM_IDX), where, ITEM_IDX)
-        ts = _flat(table.column(TS), where, TS)[1].astype(np.int64, copy=False) if with_ts else np.zeros(0, np.int64)
+        ts = np.zeros(0, np.int64)
+        if source == N_EVENTS:
+            counts = table.column(N_EVENTS).to_numpy()
+            offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        else:
+            offsets, values = _flat(table.column(source), where, source)
+            if with_ts:
+                ts = values.astype(np.int64, copy=False)
         return UserRows(user_idx=np.zeros(len(offsets) - 1, np.int64), offsets=offsets,
                         items=np.zeros(0, ITEM_DTYPE), ts=ts, side={})
 
@@ -233,7 +246,9 @@ class ShardIndex:
             self._verified.add(unit.shard)
         where = f"{path} (row group {unit.row_group})"
         try:
-            table = pq.ParquetFile(path).read_row_group(unit.row_group, columns=[*REQUIRED_COLUMNS, *self.side_names])
+            counts = [N_EVENTS] if unit.shard in self.counted else []
+            table = pq.ParquetFile(path).read_row_group(unit.row_group,
+                                                        columns=[*REQUIRED_COLUMNS, *self.side_names, *counts])
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{where}: cannot be read ({e}); the file is truncated or corrupt. "
                              "Re-run the pipeline.") from None
@@ -242,6 +257,15 @@ class ShardIndex:
         off_t, ts = _flat(table.column(TS), where, TS)
         if not np.array_equal(off_i, off_t):
             raise ShardError(f"{where}: '{ITEM_IDX}' and '{TS}' lists differ in length for some user")
+        if unit.shard in self.counted:  # the counts a batch plan read must be these lists' lengths
+            counts = table.column(N_EVENTS).to_numpy()
+            wrong = np.flatnonzero(counts != np.diff(off_i))
+            if len(wrong):
+                r = int(wrong[0])
+                raise ShardError(
+                    f"{where}: column '{N_EVENTS}' says {int(counts[r])} events for user_idx "
+                    f"{table.column(USER_IDX)[r].as_py()}, its '{ITEM_IDX}' list has {int(np.diff(off_i)[r])}; "
+                    "the shard was edited after preprocessing. Re-run the pipeline.")
         side = {}
         for name in self.side_names:
             off_s, side[name] = _flat(table.column(name), where, name)

@@ -178,7 +178,8 @@ class StageStream(Dataset):
 
     With `max_tokens` (training only) a batch holds as many users as fit in that many tokens
     (cut_sizes), so a slot's batch count depends on its users' lengths. Set-up then reads every
-    user's length once (`ShardIndex.read_lengths`: the item lists of every shard, O(users) memory)
+    user's length once (`ShardIndex.read_lengths`: each shard's `n_events` column, 4 bytes per user,
+    or its item lists where a dataset predates that column; O(users) memory)
     and replays the epoch plan of its slots on lengths alone (the shuffle's random draws do not
     depend on the content, so the replay cuts exactly the batches the real stream cuts) for epochs
     0 .. plan_epochs - 1; every slot then yields the largest count over all ranks (`_plan`), short

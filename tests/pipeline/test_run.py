@@ -52,7 +52,8 @@ def test_golden_output_with_quoted_ids_crlf_duplicates_and_ties(cli, tiny_csv, t
     assert users["raw_user_id"].to_list() == ["Ann, B.", "bob"]
     expected = pl.DataFrame({"user_idx": [1, 2],
                              "item_idx": pl.Series([[3, 1, 2], [2]], dtype=pl.List(pl.Int32)),
-                             "ts": [[50, 100, 100], [1577836801]]})
+                             "ts": [[50, 100, 100], [1577836801]],
+                             "n_events": pl.Series([3, 1], dtype=pl.Int32)})
     assert_frame_equal(read_shards(out), expected)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["bad_rows_skipped"] == 1
@@ -92,7 +93,8 @@ def test_shards_partition_users_and_are_time_sorted(built):
     assert set().union(*ids) == set(users["user_idx"])
     for i, s in enumerate(shards):
         assert s.schema == pl.Schema({"user_idx": pl.Int64, "item_idx": pl.List(pl.Int32),
-                                      "ts": pl.List(pl.Int64), "kind": pl.List(pl.Int8)})
+                                      "ts": pl.List(pl.Int64), "kind": pl.List(pl.Int8), "n_events": pl.Int32})
+        assert (s["n_events"] == s["item_idx"].list.len()).all()
         assert s["ts"].list.eval(pl.element().diff().drop_nulls().min()).explode().drop_nulls().min() >= 0
         assert (s["item_idx"].list.len() == s["kind"].list.len()).all()
         assert set(users.filter(pl.col("shard") == i)["user_idx"]) == set(s["user_idx"])

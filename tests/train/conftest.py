@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.contract import FORMAT_VERSION, ITEM_IDX, MANIFEST, TS, USER_IDX, sha256_of
+from pipeline.contract import FORMAT_VERSION, ITEM_IDX, MANIFEST, N_EVENTS, TS, USER_IDX, sha256_of
 
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
@@ -28,8 +28,11 @@ def make_processed(
     max_len: int = 30,
     kind: bool = False,
     seed: int = 0,
+    counts: bool = True,
 ) -> Path:
     """Write `root/` with manifest.json, shards/, items.parquet, users.parquet (leave-one-out split).
+    `counts`: the shards carry the N_EVENTS column, as the pipeline writes them (False: a dataset
+    written before that column existed).
 
     Users get a learnable pattern (item i tends to follow item i-1), so a model can beat chance.
     """
@@ -43,7 +46,7 @@ def make_processed(
         items = [(start + t - 1) % num_items + 1 if rng.random() < 0.8 else int(rng.integers(1, num_items + 1))
                  for t in range(n)]
         ts = np.cumsum(rng.integers(0, 5000, n)).astype(np.int64) + 1_000_000
-        row = {USER_IDX: u, ITEM_IDX: items, TS: ts.tolist()}
+        row = {USER_IDX: u, ITEM_IDX: items, TS: ts.tolist(), N_EVENTS: n}
         if kind:
             row["kind"] = rng.integers(0, 2, n).tolist()
         rows[u % n_shards].append(row)
@@ -52,6 +55,8 @@ def make_processed(
               pa.field(TS, pa.list_(pa.int64()))]
     if kind:
         fields.append(pa.field("kind", pa.list_(pa.int8())))
+    if counts:
+        fields.append(pa.field(N_EVENTS, pa.int32()))
     schema = pa.schema(fields)
     shards = []
     for s, shard_rows in enumerate(rows):

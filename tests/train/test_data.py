@@ -44,7 +44,7 @@ def test_sha_mismatch_and_missing_shard_name_the_file(tmp_path):
     root = make_processed(tmp_path / "d")
     shard = root / "shards" / "part-00001.parquet"
     data = bytearray(shard.read_bytes())
-    data[-20] ^= 0xFF
+    data[8] ^= 0xFF  # inside the first data page: the footer still parses, the hash differs
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="part-00001.parquet.*sha256"):
         SeqRecDataModule(str(root), verify="full").setup("fit")
@@ -64,7 +64,7 @@ def test_verify_own_hashes_only_the_shards_a_rank_reads(tmp_path):
     root = make_processed(tmp_path / "d", n_users=40, n_shards=2)  # 2 shards, 2 ranks, no shuffle (test)
     shard = root / "shards" / "part-00001.parquet"
     data = bytearray(shard.read_bytes())
-    data[-20] ^= 0xFF  # the footer's metadata region: still parses, hash differs
+    data[8] ^= 0xFF  # inside the first data page: the footer still parses, the hash differs
     shard.write_bytes(bytes(data))
     dm = SeqRecDataModule(str(root), verify="own", eval_batch_size=4)
     plan = [{u.shard for u in dm.stream("test", r, 2).slot_plan(0, r)} for r in range(2)]

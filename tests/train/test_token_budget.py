@@ -137,3 +137,37 @@ def test_distributed_plan_replays_own_slots_and_agrees_with_the_full_replay(heav
         plans[int(rank)] = (int(per_slot), slots)
     # 2 ranks x 2 workers = 4 slots: each rank replays its own two, and both agree on the global maximum
     assert plans == {0: (want, "[0, 1]"), 1: (want, "[2, 3]")}
+
+
+def test_plan_reads_the_event_counts_and_equals_the_plan_from_item_lists(heavy_tailed, tmp_path):
+    """With the N_EVENTS column, set-up plans from 4 bytes per user (no item list is read); a
+    dataset without it (written before the column existed) plans from the item lists: same plan."""
+    old = make_processed(tmp_path / "old", n_users=90, max_len=120, n_shards=3, seed=3, counts=False)
+    plans = {}
+    for name, root in (("counts", heavy_tailed), ("lists", old)):
+        dm = SeqRecDataModule(str(root), max_len=None, batch_size=64, bucket_batches=4, shuffle_buffer=16,
+                              pack=True, max_tokens=150)
+        dm.plan_epochs = lambda: 2
+        ds = dm.loader("train", 0, 2).dataset
+        assert bool(ds.index.counted) == (name == "counts")
+        plans[name] = (ds.per_slot, [list(ds._batches(e, s, dry=True)) for e in range(2) for s in range(ds.slots)])
+    assert plans["counts"] == plans["lists"]
+
+
+def test_a_count_that_disagrees_with_its_list_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.contract import N_EVENTS
+    from sinkrec.data.shards import ShardError, ShardIndex, load_manifest
+
+    root = make_processed(tmp_path / "d", n_users=12, n_shards=1)
+    path = root / "shards" / "part-00000.parquet"
+    table = pq.read_table(path)
+    counts = table.column(N_EVENTS).to_pylist()
+    counts[5] += 1
+    pq.write_table(table.set_column(table.schema.get_field_index(N_EVENTS), N_EVENTS, pa.array(counts, pa.int32())),
+                   path)
+    index = ShardIndex.build(root, load_manifest(root), verify="off")
+    with pytest.raises(ShardError, match=r"part-00000.parquet \(row group 0\): column 'n_events' says \d+ events for user_idx 5, its .item_idx. list has"):
+        index.read(index.units(1)[0])
