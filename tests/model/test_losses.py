@@ -17,16 +17,17 @@ def _plain_full_ce(h, table, targets, tau):
     return F.cross_entropy(logits, targets[sel])
 
 
+@pytest.mark.parametrize("tau", [0.3, 1.0])  # 1.0: the path that skips the division
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
-def test_chunked_full_softmax_equals_plain_cross_entropy(chunk):
+def test_chunked_full_softmax_equals_plain_cross_entropy(chunk, tau):
     """Float64, so the check is exact up to summation order; chunk sizes that do and do not divide P."""
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(3, 21, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     table = torch.randn(30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 30, (3, 21), generator=gen)  # 0 = ignore, ~1/30 of positions
-    loss = full_softmax_loss(h, table, targets, temperature=0.3, chunk=chunk)
+    loss = full_softmax_loss(h, table, targets, temperature=tau, chunk=chunk)
     gh, gt = torch.autograd.grad(loss, [h, table])
-    ref = _plain_full_ce(h, table, targets, 0.3)
+    ref = _plain_full_ce(h, table, targets, tau)
     rh, rt = torch.autograd.grad(ref, [h, table])
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gh, rh, rtol=1e-10, atol=1e-12)
