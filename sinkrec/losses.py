@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 SAMPLED_CHUNK = 2048  # positions per chunk of the per-position sampled softmax
@@ -37,43 +38,51 @@ def _chunk_logits(hc: torch.Tensor, table: torch.Tensor, tau: float, dtype: torc
 
 
 class _ChunkedFullCE(torch.autograd.Function):
-    """Sum over rows of CE(h_i @ table^T / tau, y_i), one chunk of rows at a time.
-
-    Forward keeps only each row's log-sum-exp; backward recomputes the chunk's softmax, so memory
-    is O(chunk x N) in both directions, whatever the number of positions."""
+    """Sum over rows of CE(h_i @ table^T / tau, y_i), one chunk of rows at a time, with the
+    gradients computed in the same pass (`grads`): each chunk's logits are made once and serve the
+    loss, d/dh and d/dtable (softmax - one-hot, in place), so nothing is recomputed and backward only
+    scales the stored gradients by the incoming one. Memory: O(chunk x N) for the chunk, plus the
+    gradients themselves ([P, D] and [N + 1, D]), whatever the number of positions. Measured on an
+    ML-1M batch (128 x 200 targets, 3,707 items, fwd + bwd, one thread, the versions interleaved in
+    one process): 3.4 s with a backward that recomputed the logits, 1.7 s fused."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, table: torch.Tensor, y: torch.Tensor, tau: float, chunk: int):
+    def forward(ctx, h: torch.Tensor, table: torch.Tensor, y: torch.Tensor, tau: float, chunk: int, grads: bool):
         acc = torch.promote_types(h.dtype, torch.float32)  # logits in float32 at least
-        lse = torch.empty(h.shape[0], dtype=acc, device=h.device)
-        tgt = torch.empty_like(lse)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        gh = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None
+        gt = torch.zeros(table.shape, dtype=acc, device=table.device) if grads and ctx.needs_input_grad[1] else None
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
         for lo in range(0, h.shape[0], chunk):
-            logits = _chunk_logits(h[lo:lo + chunk], table, tau, acc)  # [c, N + 1]
-            lse[lo:lo + chunk] = torch.logsumexp(logits, -1)
-            tgt[lo:lo + chunk] = logits.gather(1, y[lo:lo + chunk, None])[:, 0]
-        ctx.save_for_backward(h, table, y, lse)
-        ctx.tau, ctx.chunk = tau, chunk
-        return (lse - tgt).sum()
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        h, table, y, lse = ctx.saved_tensors
-        tau, chunk = ctx.tau, ctx.chunk
-        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        gt = torch.zeros(table.shape, dtype=lse.dtype, device=table.device) if ctx.needs_input_grad[1] else None
-        for lo in range(0, h.shape[0], chunk):
-            hc = h[lo:lo + chunk]
-            logits = _chunk_logits(hc, table, tau, lse.dtype)
-            # in place: each pass over the [c, N + 1] chunk is memory-bound, and a fresh buffer per
-            # pass costs its page faults too (measured: the ML-1M head's fwd + bwd 2.9 s -> 2.1 s)
-            p = logits.sub_(lse[lo:lo + chunk, None]).exp_()  # softmax [c, N + 1]
-            p[torch.arange(p.shape[0], device=p.device), y[lo:lo + chunk]] -= 1.0  # d CE / d logits
-            p = p.mul_(grad_out / tau).to(h.dtype)
+            hc, yc = h[lo:lo + chunk], y[lo:lo + chunk]
+            logits = _chunk_logits(hc, table, tau, acc)  # [c, N + 1]
+            lse = torch.logsumexp(logits, -1)
+            total += (lse - logits.gather(1, yc[:, None])[:, 0]).sum()
+            if gh is None and gt is None:
+                continue
+            # d CE / d logits = softmax - one-hot, in place: each pass over the chunk is memory-bound
+            p = logits.sub_(lse[:, None]).exp_()
+            p[rows[: p.shape[0]], yc] -= 1.0
+            if tau != 1.0:
+                p.mul_(1.0 / tau)
+            p = p.to(h.dtype)
             if gh is not None:
                 gh[lo:lo + chunk] = p @ table
             if gt is not None:
                 gt += (p.t() @ hc).to(gt.dtype)
-        return gh, None if gt is None else gt.to(table.dtype), None, None, None
+        ctx.save_for_backward(gh, gt)
+        ctx.table_dtype = table.dtype
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        gh, gt = ctx.saved_tensors
+        if gh is not None:
+            gh = gh * grad_out.to(gh.dtype)
+        if gt is not None:
+            gt = (gt * grad_out).to(ctx.table_dtype)
+        return gh, gt, None, None, None, None
 
 
 def _own_negatives_ce(h: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
@@ -93,7 +102,8 @@ def full_softmax_loss(hidden: torch.Tensor, table: torch.Tensor, targets: torch.
     h = hidden[sel]  # [P, D]: only positions with a target are scored
     if h.shape[0] == 0:
         return hidden.sum() * 0.0
-    return _ChunkedFullCE.apply(h, table, targets[sel], float(temperature), int(chunk)) / h.shape[0]
+    grads = torch.is_grad_enabled() and (h.requires_grad or table.requires_grad)  # none under no_grad (eval)
+    return _ChunkedFullCE.apply(h, table, targets[sel], float(temperature), int(chunk), grads) / h.shape[0]
 
 
 def sampled_softmax_loss(
