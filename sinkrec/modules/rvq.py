@@ -47,6 +47,12 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def nearest_code(r: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """r [N, D], book [C, D] -> [N] index of the nearest code. ||r - b||^2 = ||r||^2 - 2 r.b + ||b||^2,
+    with ||r||^2 dropped (constant per row): one addmm, so the [N, C] scores take one pass."""
+    return torch.addmm(book.pow(2).sum(-1)[None], r, book.t(), alpha=-2).argmin(-1)
+
+
 def rvq_encode(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Greedy residual quantisation (no grad).
 
@@ -57,9 +63,7 @@ def rvq_encode(z: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, 
     codes, residuals = [], []
     quant = torch.zeros_like(r)
     for book in codebooks.float():  # book: [C, D]
-        # ||r - b||^2 = ||r||^2 - 2 r.b + ||b||^2; ||r||^2 is constant per row so dropped
-        dist_ = book.pow(2).sum(-1)[None, :] - 2 * r @ book.t()  # [N, C]
-        c = dist_.argmin(-1)
+        c = nearest_code(r, book)
         residuals.append(r)
         codes.append(c)
         quant = quant + book[c]
@@ -134,13 +138,16 @@ class RVQMemory(nn.Module):
         conv, buf = self.pattern_conv(h.detach(), buf, cu_seqlens)
         z = self.pattern(conv)  # [B, T, D]
         z_valid = z[mask]  # [N, D], pads excluded from codes statistics and the loss
+        encoded = None  # (codes, quant) of z_valid under the current codebooks
         if self.training:
             if self._deferred is None:
-                self._ema_update(z_valid.detach())
+                encoded = self._ema_update(z_valid.detach())  # encodes under the updated books on the way
             elif not _recomputing():
                 self._deferred.append(z_valid.detach())
-        with torch.no_grad():
-            codes_valid, quant, _ = rvq_encode(z_valid.detach(), self.codebooks)
+        if encoded is None:
+            with torch.no_grad():
+                encoded = rvq_encode(z_valid.detach(), self.codebooks)[:2]
+        codes_valid, quant = encoded
         commit = F.mse_loss(z_valid.float(), quant) if z_valid.shape[0] else z.sum() * 0.0
         codes = torch.zeros(B, T, self.n_levels, dtype=torch.long, device=h.device)
         codes[mask] = codes_valid
@@ -170,17 +177,20 @@ class RVQMemory(nn.Module):
 
     # ---- codebook learning (EMA k-means + dead-code restart), DDP-safe ----
     @torch.no_grad()
-    def _ema_update(self, z: torch.Tensor) -> None:
+    def _ema_update(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z: [N, D] valid patterns of this rank. All ranks end with identical codebooks:
         the EMA statistics are all-reduced, and every random choice is made on rank 0
-        and broadcast."""
+        and broadcast. Returns z's codes [N, L] and quantised sum [N, D] under the updated
+        codebooks, exactly what rvq_encode(z, self.codebooks) gives afterwards: the residual walk
+        below computes them anyway (level l's book is final once level l is updated)."""
         if not bool(self.initted):
             self._data_init(z)
         r = z.float()
+        codes, quant = [], torch.zeros_like(r)
         decay = self.ema_decay
         for level in range(self.n_levels):
             book = self.codebooks[level]  # [C, D]
-            c = (book.pow(2).sum(-1)[None] - 2 * r @ book.t()).argmin(-1)  # [N]
+            c = nearest_code(r, book)  # [N]
             count = torch.bincount(c, minlength=self.n_codes).float()  # [C]
             total = torch.zeros_like(book).index_add_(0, c, r)  # [C, D]
             if _dist_ready():
@@ -195,7 +205,10 @@ class RVQMemory(nn.Module):
             self.codebooks[level].copy_(self.ema_sum[level] / smoothed[:, None])
             self._restart_dead(level, r)
             book = self.codebooks[level]
-            r = r - book[(book.pow(2).sum(-1)[None] - 2 * r @ book.t()).argmin(-1)]
+            codes.append(nearest_code(r, book))
+            quant = quant + book[codes[-1]]
+            r = r - book[codes[-1]]
+        return torch.stack(codes, -1), quant
 
     def _restart_dead(self, level: int, r: torch.Tensor) -> None:
         count = self.ema_count[level]
@@ -229,7 +242,7 @@ class RVQMemory(nn.Module):
             self.codebooks[level].copy_(book)
             self.ema_sum[level].copy_(book)
             self.ema_count[level].fill_(1.0)
-            r = r - book[(book.pow(2).sum(-1)[None] - 2 * r @ book.t()).argmin(-1)]
+            r = r - book[nearest_code(r, book)]
         self.initted.fill_(True)
 
     @torch.no_grad()

@@ -120,3 +120,15 @@ def test_ema_keeps_codebooks_identical_across_ranks(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "SYNCED" in outs[0][0]
+
+
+def test_training_encode_reuses_the_ema_walk_and_equals_rvq_encode():
+    """The training forward takes its codes from the EMA update's residual walk instead of a second
+    rvq_encode: they must be exactly rvq_encode's under the updated codebooks."""
+    torch.manual_seed(0)
+    mem = RVQMemory(16, n_levels=3, n_codes=8).train()
+    for _ in range(3):  # the first call also seeds the codebooks; later ones restart dead codes
+        z = torch.randn(50, 16)
+        codes, quant = mem._ema_update(z)
+        want_codes, want_quant, _ = rvq_encode(z, mem.codebooks)
+        assert torch.equal(codes, want_codes) and torch.equal(quant, want_quant)
