@@ -85,6 +85,54 @@ class _ChunkedFullCE(torch.autograd.Function):
         return gh, gt, None, None, None, None
 
 
+class _SharedNegativesCE(torch.autograd.Function):
+    """Sum over rows of CE([h_i . t_{y_i}, h_i . t_u for u in negatives] / tau, 0), an accidental hit
+    (u = y_i) masked, with the gradients computed in the forward pass like _ChunkedFullCE: the
+    [P, U] negative logits become their softmax in place, one matmul each gives d/dh and
+    d/dtable[negatives], and nothing is concatenated. Measured on an ML-1M batch (128 x 200
+    targets, 1,024 negatives, fwd + bwd, one thread, interleaved in one process): 1.4 s through
+    autograd (cat + cross_entropy), 0.67 s fused."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float,
+                grads: bool):
+        acc = torch.promote_types(h.dtype, torch.float32)  # logits in float32 at least
+        t_pos, t_neg = table[pos], table[neg]  # [P, D], [U, D]
+        pos_logit = (h * t_pos).sum(-1).to(acc)  # [P]
+        logits = (h @ t_neg.t()).to(acc)  # [P, U]
+        logits.masked_fill_(neg[None, :] == pos[:, None], float("-inf"))  # accidental hits
+        if tau != 1.0:
+            logits.div_(tau)
+            pos_logit = pos_logit / tau
+        lse = torch.logaddexp(pos_logit, torch.logsumexp(logits, -1))  # [P]
+        total = (lse - pos_logit).sum()
+        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
+        if not (grads and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])):
+            ctx.save_for_backward(None, None)
+            return total
+        # d/d logits: softmax over [target | negatives], minus one at the target; masked hits get 0
+        p = logits.sub_(lse[:, None]).exp_().mul_(1.0 / tau).to(h.dtype)  # [P, U]
+        d_pos = ((pos_logit - lse).exp() - 1.0).mul_(1.0 / tau).to(h.dtype)  # [P]
+        gh = torch.addmm(t_pos * d_pos[:, None], p, t_neg) if ctx.needs_input_grad[0] else None
+        gt = None
+        if ctx.needs_input_grad[1]:
+            gt = torch.zeros(table.shape, dtype=acc, device=table.device)
+            gt.index_add_(0, neg, (p.t() @ h).to(acc))
+            gt.index_add_(0, pos, (h * d_pos[:, None]).to(acc))
+        ctx.save_for_backward(gh, gt)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        gh, gt = ctx.saved_tensors
+        if gh is not None:
+            gh = gh * grad_out.to(gh.dtype)
+        if gt is not None:
+            gt = (gt * grad_out).to(ctx.table_dtype)
+        return gh, gt, None, None, None, None
+
+
 def _own_negatives_ce(h: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                       temperature: float, acc: torch.dtype) -> torch.Tensor:
     """Summed CE of c targets against their own negatives: h [c, D], pos [c], neg [c, U]."""
@@ -141,8 +189,5 @@ def sampled_softmax_loss(
         in_batch_count = torch.bincount(inverse[: pos.shape[0]], minlength=cand.shape[0]).float()  # [C]
         logits = (h @ table[cand].t()).to(acc) / temperature - (in_batch_count + num_negatives / N).log()
         return F.cross_entropy(logits, inverse[: pos.shape[0]])
-    pos_logit = (h * table[pos]).sum(-1, keepdim=True).to(acc)  # [P, 1]
-    neg_logits = (h @ table[uniform].t()).to(acc)  # [P, U]
-    neg_logits = neg_logits.masked_fill(uniform[None, :] == pos[:, None], float("-inf"))  # accidental hits
-    logits = torch.cat([pos_logit, neg_logits], 1) / temperature  # [P, 1 + U], the target in column 0
-    return F.cross_entropy(logits, torch.zeros_like(pos))
+    grads = torch.is_grad_enabled() and (h.requires_grad or table.requires_grad)  # none under no_grad (eval)
+    return _SharedNegativesCE.apply(h, table, pos, uniform, float(temperature), grads) / h.shape[0]

@@ -35,15 +35,16 @@ def test_chunked_full_softmax_equals_plain_cross_entropy(chunk, tau):
     assert gt[0].abs().max() == 0  # the pad row is never a candidate, so it gets no gradient
 
 
-def test_sampled_softmax_is_ce_over_target_and_shared_negatives_with_hits_masked():
+@pytest.mark.parametrize("tau", [0.5, 1.0])  # 1.0: the path that skips the division
+def test_sampled_softmax_is_ce_over_target_and_shared_negatives_with_hits_masked(tau):
     gen = torch.Generator().manual_seed(3)
     N, D = 6, 4
-    h = torch.randn(2, 5, D, generator=gen, dtype=torch.float64)
-    table = torch.randn(N + 1, D, generator=gen, dtype=torch.float64)
+    h = torch.randn(2, 5, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(N + 1, D, generator=gen, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(1, N + 1, (2, 5), generator=gen)
     targets[0, 0] = 0
     # 50 draws from 6 items: every target is also drawn as a negative (accidental hits everywhere)
-    loss = sampled_softmax_loss(h, table, targets, num_negatives=50, temperature=0.5,
+    loss = sampled_softmax_loss(h, table, targets, num_negatives=50, temperature=tau,
                                 generator=torch.Generator().manual_seed(9))
     draws = torch.randint(1, N + 1, (50,), generator=torch.Generator().manual_seed(9))
     sel = targets != 0
@@ -51,9 +52,16 @@ def test_sampled_softmax_is_ce_over_target_and_shared_negatives_with_hits_masked
     expected = []
     for i in range(len(pos)):
         negs = draws[draws != pos[i]]  # an accidental hit is not a negative
-        logits = torch.cat([hs[i] @ table[pos[i]][None].t(), hs[i] @ table[negs].t()]) / 0.5
+        logits = torch.cat([hs[i] @ table[pos[i]][None].t(), hs[i] @ table[negs].t()]) / tau
         expected.append(torch.logsumexp(logits, 0) - logits[0])
-    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    expected = torch.stack(expected).mean()
+    torch.testing.assert_close(loss, expected)
+    # the gradients the fused loss computes in its forward pass, against autograd through the loop
+    for got, want in zip(torch.autograd.grad(loss, [h, table]), torch.autograd.grad(expected, [h, table])):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():  # evaluation: the same value, no gradient work
+        torch.testing.assert_close(sampled_softmax_loss(h, table, targets, num_negatives=50, temperature=tau,
+                                                        generator=torch.Generator().manual_seed(9)), expected)
 
 
 def test_sampled_in_batch_candidates_are_targets_and_draws():
