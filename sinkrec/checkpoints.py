@@ -26,7 +26,7 @@ from sinkrec.errors import UserError
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # implementation choices that may differ between the run that wrote a checkpoint and the one using it
-RUNTIME_KEYS = ("kernel_backend", "gate_backend")
+RUNTIME_KEYS = ("kernel_backend", "gate_backend", "conv_backend")
 
 
 class CheckpointWriteError(UserError, OSError):

@@ -333,3 +333,21 @@ def test_bad_data_is_one_paragraph_naming_the_file(tmp_path, capsys, damage, ver
     damage(root)
     cfg = write_config(tmp_path / "c.yaml", root, tmp_path, trainer={"max_epochs": 1})
     clean_error(capsys, ["fit", "--config", str(cfg), "--data.verify", verify, *FAST], *needles)
+
+
+def test_backends_may_differ_from_the_checkpoint_with_a_warning():
+    """kernel_backend / gate_backend / conv_backend are implementation choices: a checkpoint made
+    with another one is used (warned), any other model.config difference is refused."""
+    from sinkrec.checkpoints import check_against
+    from sinkrec.errors import UserError
+
+    module = torch.nn.Linear(2, 2)
+    made = {"d_model": 16, "kernel_backend": "chunk", "gate_backend": "reference", "conv_backend": "reference"}
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": {"config": made}}
+    module.hparams = {"config": {**made, "kernel_backend": "recurrent", "conv_backend": "channels_last"}}
+    warnings = check_against(ckpt, "x.ckpt", module, resuming=True)
+    assert len(warnings) == 2 and all("runtime choice" in w for w in warnings)
+    assert any("conv_backend: checkpoint 'reference', this run 'channels_last'" in w for w in warnings)
+    module.hparams["config"]["d_model"] = 32
+    with pytest.raises(UserError, match="model.config.d_model: checkpoint 16, this run 32"):
+        check_against(ckpt, "x.ckpt", module, resuming=True)
