@@ -23,7 +23,7 @@ def test_vs_sasrec_ratios():
     assert rows["tdgd_recurrent"]["median_ms/sdpa"] is None  # extrapolated numbers are not compared
 
 
-@pytest.mark.parametrize("kind", ["sdpa_masked", "elastic_lda", "elastic"])
+@pytest.mark.parametrize("kind", ["sdpa_masked", "elastic_lda", "elastic", "tdgd_chunk_conv1d"])
 def test_new_layer_cases_run(kind, monkeypatch):
     monkeypatch.setattr(layer, "TOKENS", 256)  # B = 4 at T = 64
     threads = torch.get_num_threads()
