@@ -11,8 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.errors import PipelineError
 from pipeline.contract import N_EVENTS
+from pipeline.errors import PipelineError
 from pipeline.schema import ITEM_IDX, SHARD, TS, USER_IDX
 
 

@@ -37,7 +37,32 @@ def _chunk_logits(hc: torch.Tensor, table: torch.Tensor, tau: float, dtype: torc
     return logits
 
 
-class _ChunkedFullCE(torch.autograd.Function):
+def _wants_grads(h: torch.Tensor, table: torch.Tensor) -> bool:
+    """Whether a fused loss should compute its gradients in the forward pass (none under no_grad)."""
+    return torch.is_grad_enabled() and (h.requires_grad or table.requires_grad)
+
+
+class _GradsInForward(torch.autograd.Function):
+    """A loss (h, table, *rest) -> scalar whose forward computed d/dh and d/dtable itself and
+    stored them with `_keep`; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def _keep(ctx, gh: torch.Tensor | None, gt: torch.Tensor | None, table: torch.Tensor) -> None:
+        ctx.save_for_backward(gh, gt)
+        ctx.table_dtype = table.dtype
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        gh, gt = ctx.saved_tensors
+        if gh is not None:
+            gh = gh * grad_out.to(gh.dtype)
+        if gt is not None:
+            gt = (gt * grad_out).to(ctx.table_dtype)
+        return gh, gt, None, None, None, None
+
+
+class _ChunkedFullCE(_GradsInForward):
     """Sum over rows of CE(h_i @ table^T / tau, y_i), one chunk of rows at a time, with the
     gradients computed in the same pass (`grads`): each chunk's logits are made once and serve the
     loss, d/dh and d/dtable (softmax - one-hot, in place), so nothing is recomputed and backward only
@@ -70,22 +95,12 @@ class _ChunkedFullCE(torch.autograd.Function):
                 gh[lo:lo + chunk] = p @ table
             if gt is not None:
                 gt += (p.t() @ hc).to(gt.dtype)
-        ctx.save_for_backward(gh, gt)
-        ctx.table_dtype = table.dtype
+        _GradsInForward._keep(ctx, gh, gt, table)
         return total
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        gh, gt = ctx.saved_tensors
-        if gh is not None:
-            gh = gh * grad_out.to(gh.dtype)
-        if gt is not None:
-            gt = (gt * grad_out).to(ctx.table_dtype)
-        return gh, gt, None, None, None, None
 
 
-class _SharedNegativesCE(torch.autograd.Function):
+class _SharedNegativesCE(_GradsInForward):
     """Sum over rows of CE([h_i . t_{y_i}, h_i . t_u for u in negatives] / tau, 0), an accidental hit
     (u = y_i) masked, with the gradients computed in the forward pass like _ChunkedFullCE: the
     [P, U] negative logits become their softmax in place, one matmul each gives d/dh and
@@ -106,9 +121,8 @@ class _SharedNegativesCE(torch.autograd.Function):
             pos_logit = pos_logit / tau
         lse = torch.logaddexp(pos_logit, torch.logsumexp(logits, -1))  # [P]
         total = (lse - pos_logit).sum()
-        ctx.table_shape, ctx.table_dtype = table.shape, table.dtype
         if not (grads and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])):
-            ctx.save_for_backward(None, None)
+            _GradsInForward._keep(ctx, None, None, table)
             return total
         # d/d logits: softmax over [target | negatives], minus one at the target; masked hits get 0
         p = logits.sub_(lse[:, None]).exp_().mul_(1.0 / tau).to(h.dtype)  # [P, U]
@@ -119,18 +133,9 @@ class _SharedNegativesCE(torch.autograd.Function):
             gt = torch.zeros(table.shape, dtype=acc, device=table.device)
             gt.index_add_(0, neg, (p.t() @ h).to(acc))
             gt.index_add_(0, pos, (h * d_pos[:, None]).to(acc))
-        ctx.save_for_backward(gh, gt)
+        _GradsInForward._keep(ctx, gh, gt, table)
         return total
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        gh, gt = ctx.saved_tensors
-        if gh is not None:
-            gh = gh * grad_out.to(gh.dtype)
-        if gt is not None:
-            gt = (gt * grad_out).to(ctx.table_dtype)
-        return gh, gt, None, None, None, None
 
 
 def _own_negatives_ce(h: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
@@ -150,8 +155,8 @@ def full_softmax_loss(hidden: torch.Tensor, table: torch.Tensor, targets: torch.
     h = hidden[sel]  # [P, D]: only positions with a target are scored
     if h.shape[0] == 0:
         return hidden.sum() * 0.0
-    grads = torch.is_grad_enabled() and (h.requires_grad or table.requires_grad)  # none under no_grad (eval)
-    return _ChunkedFullCE.apply(h, table, targets[sel], float(temperature), int(chunk), grads) / h.shape[0]
+    return _ChunkedFullCE.apply(h, table, targets[sel], float(temperature), int(chunk),
+                                _wants_grads(h, table)) / h.shape[0]
 
 
 def sampled_softmax_loss(
@@ -189,5 +194,5 @@ def sampled_softmax_loss(
         in_batch_count = torch.bincount(inverse[: pos.shape[0]], minlength=cand.shape[0]).float()  # [C]
         logits = (h @ table[cand].t()).to(acc) / temperature - (in_batch_count + num_negatives / N).log()
         return F.cross_entropy(logits, inverse[: pos.shape[0]])
-    grads = torch.is_grad_enabled() and (h.requires_grad or table.requires_grad)  # none under no_grad (eval)
-    return _SharedNegativesCE.apply(h, table, pos, uniform, float(temperature), grads) / h.shape[0]
+    return _SharedNegativesCE.apply(h, table, pos, uniform, float(temperature),
+                                    _wants_grads(h, table)) / h.shape[0]

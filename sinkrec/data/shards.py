@@ -246,9 +246,9 @@ class ShardIndex:
             self._verified.add(unit.shard)
         where = f"{path} (row group {unit.row_group})"
         try:
-            counts = [N_EVENTS] if unit.shard in self.counted else []
+            count_column = [N_EVENTS] if unit.shard in self.counted else []
             table = pq.ParquetFile(path).read_row_group(unit.row_group,
-                                                        columns=[*REQUIRED_COLUMNS, *self.side_names, *counts])
+                                                        columns=[*REQUIRED_COLUMNS, *self.side_names, *count_column])
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{where}: cannot be read ({e}); the file is truncated or corrupt. "
                              "Re-run the pipeline.") from None

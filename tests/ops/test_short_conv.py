@@ -14,8 +14,7 @@ from sinkrec.ops.short_conv import short_conv_reference
 
 def _by_definition(x, weight, activation):
     """y[t] = act(sum_j w[j] x[t - (W - 1) + j]) written as a loop, the outside oracle."""
-    B, T, C = x.shape
-    W = weight.shape[-1]
+    T, W = x.shape[1], weight.shape[-1]
     y = torch.zeros_like(x)
     for t in range(T):
         for j in range(W):

@@ -4,7 +4,7 @@ the dispatcher and its checks.
 Backends (all share the contract of `naive.short_conv_reference`):
     reference      `F.conv1d` over the [B, C, T] transpose, autograd backward (`naive.py`)
     channels_last  W shifted multiply-adds in [B, T, C], the activation fused, hand-written backward
-                   (`channels_last.py`); ~2-3x faster forward + backward on CPU
+                   (`channels_last.py`); ~2x faster forward + backward on CPU (one layer's conv + SiLU)
     auto           channels_last on CPU; reference on CUDA (cuDNN's depthwise conv, not measured
                    against channels_last there)
 """
