@@ -96,7 +96,7 @@ class Grid:
     variants: tuple[str, ...] = ()  # design changes (VARIANTS), run at the highest ratio
 
 
-FULL = Grid("sinkbench", ratios=(0.1, 0.4, 0.7), seeds=(1, 2), archs=("sinkrec", "gdn", "sasrec", "elastic"),
+FULL = Grid("sinkbench", ratios=(0.1, 0.4, 0.7), seeds=(1, 2, 3), archs=("sinkrec", "gdn", "sasrec", "elastic"),
             ablations=tuple(ABLATIONS), users=3000, items=2000, epochs=8, max_len=256,
             # the variant that engages the memory (docs/MODEL.md); the others are run with --variants
             variants=("repeat_gate_sup",))
