@@ -20,6 +20,7 @@ Rows are grouped by user; each batch of users (about `batch_events` events) is o
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -125,12 +126,13 @@ def generate_batch(cfg: SynthConfig, first_user: int, lengths: np.ndarray, rng: 
 
 
 def generate(cfg: SynthConfig, out: Path, log=print) -> dict[str, int]:
-    """Write the event log to `out` (atomically: a .partial file renamed at the end)."""
+    """Write the event log to `out` (atomically: a .partial file renamed at the end; the partial name
+    carries the pid, so two processes generating the same log, e.g. two `study --part`s, do not collide)."""
     if cfg.users < 1 or cfg.items < 2 * cfg.n_clusters or not 0 <= cfg.repeat_ratio < 1:
         raise ValueError("need users >= 1, items >= 2 * clusters and 0 <= repeat_ratio < 1")
     lengths = sequence_lengths(cfg, np.random.default_rng([cfg.seed, 0]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")
     events = habits = 0
     t0 = time.perf_counter()
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64()),

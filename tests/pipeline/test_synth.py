@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
@@ -40,3 +43,24 @@ def test_kinds_items_and_time_order(tmp_path):
 def test_lengths_are_heavy_tailed():
     lengths = sequence_lengths(SynthConfig(users=20_000, items=2000, mean_len=300), np.random.default_rng(0))
     assert 150 < lengths.mean() < 350 and lengths.max() >= 10_000 and np.median(lengths) < lengths.mean() / 2
+
+
+def _generate_once(path: str) -> None:
+    generate(SynthConfig(users=400, items=300, seed=3, batch_events=2_000), Path(path), log=lambda _: None)
+
+
+def test_two_processes_writing_the_same_log_do_not_collide(tmp_path):
+    """Two `study --part`s prepare the same log at once: each writes its own partial file and renames it
+    into place, so both succeed and the result is the one log (a shared partial name made one fail)."""
+    out = tmp_path / "raw" / "events.parquet"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_generate_once, args=(str(out),)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert list(out.parent.iterdir()) == [out]  # no partial file left behind
+    ref = tmp_path / "ref.parquet"
+    _generate_once(str(ref))
+    assert pl.read_parquet(out).equals(pl.read_parquet(ref))
