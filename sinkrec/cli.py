@@ -53,6 +53,7 @@ from sinkrec.faults import (
     RngState,
     check_tracking_store,
 )
+from sinkrec.hardware import describe_precision
 from sinkrec.lit_module import OptimConfig, SeqRecModule
 from sinkrec.model import SinkRecConfig
 
@@ -207,6 +208,7 @@ class SinkRecCLI(LightningCLI):
         strategy, description = choose_strategy(trainer_cfg.get("strategy", "auto"),
                                                 self._cfg("deepspeed_config"), world, timeout)
         rank_zero_info(description)
+        rank_zero_info(describe_precision(trainer_cfg.get("precision"), str(trainer_cfg.get("accelerator", "auto"))))
         # temp file + fsync + rename: a kill or a full disk never leaves a truncated checkpoint
         plugins = trainer_cfg.get("plugins") or []
         kwargs |= {"strategy": strategy,

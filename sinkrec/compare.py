@@ -16,7 +16,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -26,24 +25,7 @@ from pathlib import Path
 
 import yaml
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the ones that change kernels
-
-
-def machine() -> str:
-    """The CPU model and the ISA flags that change which CPU kernels run (as `lscpu` shows them)."""
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    have = [f for f in CPU_FLAGS if f in flags]
-    return f"{model}, {os.cpu_count()} logical CPUs, flags: {' '.join(have) or 'none of ' + ' '.join(CPU_FLAGS)}"
+from sinkrec.hardware import machine
 
 
 def dataset_name(config: Path) -> str:

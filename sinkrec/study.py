@@ -466,7 +466,7 @@ def verdict(g: Grid, groups: dict, model: str = "sinkrec") -> list[str]:
 
 def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, parent: str, uri: str,
            wall: float) -> str:
-    from sinkrec.compare import machine
+    from sinkrec.hardware import machine
 
     groups = group(rows)
     figdir = path.parent / ("study" if path.name == "STUDY.md" else f"{path.stem}-figures")
