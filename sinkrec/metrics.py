@@ -69,7 +69,17 @@ def target_ranks(
         return torch.zeros(0, dtype=torch.long, device=targets.device)
     if targets.min() < 1 or targets.max() > N:
         raise ValueError(f"target ids must lie in 1..{N}, got [{int(targets.min())}, {int(targets.max())}]")
-    h = hidden.to(table.dtype)
+    # scores at >= float32 even under bf16 autocast (trainer.precision bf16-mixed): bf16 keeps 8 bits of
+    # mantissa, so many candidates would tie with the target, and ties count against it
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ranks(hidden, table, targets, exclude, chunk_size)
+
+
+def _ranks(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None,
+           chunk_size: int) -> torch.Tensor:
+    n, N = targets.shape[0], table.shape[0] - 1
+    dtype = torch.promote_types(torch.promote_types(hidden.dtype, table.dtype), torch.float32)
+    h, table = hidden.to(dtype), table.to(dtype)
     chunks = list(_chunks(N, chunk_size))
     cached = None
     # pass 1: the target's score, taken from the same matmul that scores its neighbours

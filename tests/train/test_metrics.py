@@ -39,6 +39,22 @@ def test_ranks_match_bruteforce_random(chunk):
     np.testing.assert_array_equal(got.numpy(), brute_ranks(h, table, targets))
 
 
+def test_ranks_under_bf16_autocast_equal_float32_ranks():
+    """trainer.precision bf16-mixed: the ranking matmul still runs in float32. In bf16 (8 mantissa
+    bits) near-equal scores tie with the target, and ties count against it."""
+    g = torch.Generator().manual_seed(0)
+    N, D, n = 4000, 64, 256
+    table, h = torch.randn(N + 1, D, generator=g), torch.randn(n, D, generator=g)
+    targets = torch.randint(1, N + 1, (n,), generator=g)
+    want = target_ranks(h, table, targets, chunk_size=1024)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = target_ranks(h, table, targets, chunk_size=1024)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    s16 = h.bfloat16() @ table.bfloat16().t()  # what a bf16 ranking matmul would compare
+    ties = (s16[:, 1:] == s16[torch.arange(n), targets][:, None]).sum() - n  # other items tied with the target
+    assert ties > 0
+
+
 @pytest.mark.parametrize("chunk", [3, 64])
 def test_ties_count_against_target_and_pad_never_candidate(chunk):
     # integer-valued embeddings: ties are exact whatever the summation order
