@@ -35,7 +35,7 @@ def machine() -> str:
 def describe_precision(precision: object, accelerator: str, flags: set[str] | None = None) -> str:
     """The line the trainer prints at start: the precision the config chose, and whether this CPU has
     native bf16 (where it has, CPU bf16 autocast ran an ML-1M step 1.2-1.5x faster: `make bench-epoch
-    ARGS=--bf16`, docs/results/ml1m-step-speed-2026-12-03.md)."""
+    ARGS=--bf16`, docs/results/ml1m-step-speed-bf16-2026-12-04.md)."""
     p = str(precision if precision is not None else "32-true")
     if accelerator not in ("cpu", "auto") or _cuda():
         return f"precision: {p} (trainer.precision)"
