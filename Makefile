@@ -97,7 +97,7 @@ CROSSCHECK_EPOCHS ?= 10
 bench-crosscheck: setup
 	$(PYTHON) -m benchmarks.sasrec_crosscheck --epochs $(CROSSCHECK_EPOCHS) $(ARGS)
 
-# The SinkBench study (docs/STUDY.md): SinkBench logs at 3 repeat ratios x {SinkRec, GDN, SASRec, ELASTIC} x 3 seeds
+# The SinkBench study (docs/STUDY.md): SinkBench logs at 3 repeat ratios x {SinkRec, GDN, SASRec, ELASTIC} x 2 seeds
 # + SinkRec's ablations, one MLflow parent run; about 1.5-2 h on 2 free cores. QUICK=1: the same
 # machinery on a tiny grid (~2-4 min; its report goes to outputs/study-quick/, not docs/).
 # RESUME=1 reuses the finished runs of an interrupted study.
