@@ -5,11 +5,12 @@
 For each size: a SinkBench log with that many events (`pipeline.synth`, users = events / 272), the
 normal pipeline (16 shards), then 2-rank DDP training on CPU (`python -m sinkrec fit ... --trainer.devices
 2`, 20 steps + 2 validation batches, no test, no MLflow) while the process tree is sampled every
-0.2 s for each rank's resident memory. `--windows 0 128` trains each size once in one pass (0) and once
-window by window (`--model.window 128`: activations of one 32 x 128 window at a time, sinkrec/windows.py),
-so the data path's share and the activations' share of the peak are told apart. `--baseline` runs the same command in another checkout (e.g.
-a `git worktree` of the commit before streaming, which loaded every shard on every rank), in the same
-run, so the two columns compare like for like. Results go to bench_results/data_memory.json.
+0.2 s for each rank's resident memory. `--windows 0 128` trains each size once in one pass (0) and
+once window by window (`--model.window 128`: activations of one 32 x 128 window at a time,
+sinkrec/windows.py), so the data path's share and the activations' share of the peak are told apart.
+`--baseline` runs the same command in another checkout (e.g. a `git worktree` of the commit before
+streaming, which loaded every shard on every rank), in the same run, so the two columns compare like
+for like. Results go to bench_results/data_memory.json.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def describe_precision(precision: object, accelerator: str, flags: set[str] | No
     native bf16 (where it has, CPU bf16 autocast ran an ML-1M step 1.2-1.5x faster: `make bench-epoch
     ARGS=--bf16`, docs/results/ml1m-step-speed-bf16-2026-12-04.md)."""
     p = str(precision if precision is not None else "32-true")
-    if accelerator not in ("cpu", "auto") or _cuda():
+    if accelerator not in ("cpu", "auto") or (accelerator == "auto" and _cuda()):  # not training on the CPU
         return f"precision: {p} (trainer.precision)"
     flags = cpu_info()[1] if flags is None else flags
     native = [f for f in BF16_FLAGS if f in flags]

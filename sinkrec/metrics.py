@@ -36,7 +36,10 @@ def _chunks(num_items: int, chunk_size: int) -> Iterator[tuple[int, int]]:
 def _chunk_scores(h: torch.Tensor, table: torch.Tensor, lo: int, hi: int, targets: torch.Tensor,
                   exclude: torch.Tensor | None) -> torch.Tensor:
     """Scores of items lo..hi-1 [n, hi - lo]; excluded history items (except the target) -> -inf."""
-    s = h @ table[lo:hi].t()
+    # in h's dtype even under bf16 autocast (trainer.precision bf16-mixed): bf16 keeps 8 bits of mantissa,
+    # so many candidates would tie with the target, and ties count against it
+    with torch.autocast(h.device.type, enabled=False):
+        s = h @ table[lo:hi].t()
     if exclude is not None:
         hit = (exclude >= lo) & (exclude < hi) & (exclude != targets[:, None])  # [n, H]
         rows, cols = hit.nonzero(as_tuple=True)
@@ -69,15 +72,7 @@ def target_ranks(
         return torch.zeros(0, dtype=torch.long, device=targets.device)
     if targets.min() < 1 or targets.max() > N:
         raise ValueError(f"target ids must lie in 1..{N}, got [{int(targets.min())}, {int(targets.max())}]")
-    # scores at >= float32 even under bf16 autocast (trainer.precision bf16-mixed): bf16 keeps 8 bits of
-    # mantissa, so many candidates would tie with the target, and ties count against it
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _ranks(hidden, table, targets, exclude, chunk_size)
-
-
-def _ranks(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None,
-           chunk_size: int) -> torch.Tensor:
-    n, N = targets.shape[0], table.shape[0] - 1
+    # scores at >= float32, also under bf16 autocast (_chunk_scores)
     dtype = torch.promote_types(torch.promote_types(hidden.dtype, table.dtype), torch.float32)
     h, table = hidden.to(dtype), table.to(dtype)
     chunks = list(_chunks(N, chunk_size))

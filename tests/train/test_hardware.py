@@ -1,6 +1,7 @@
 """The start-up line about precision: what the config chose, and whether this CPU has native bf16."""
 from __future__ import annotations
 
+from sinkrec import hardware
 from sinkrec.hardware import cpu_info, describe_precision, machine
 
 
@@ -28,3 +29,9 @@ def test_machine_line_lists_only_known_kernel_flags():
     assert line.startswith(model) and "flags:" in line
     listed = line.split("flags: ")[1].split()
     assert set(listed) <= flags or listed[:2] == ["none", "of"]
+
+
+def test_cpu_training_on_a_cuda_machine_still_gets_the_cpu_line(monkeypatch):
+    monkeypatch.setattr(hardware, "_cuda", lambda: True)
+    assert describe_precision("32-true", "auto", {"avx512_bf16"}) == "precision: 32-true (trainer.precision)"
+    assert "bf16-mixed may be faster" in describe_precision("32-true", "cpu", {"avx512_bf16"})
