@@ -131,15 +131,26 @@ def dataset_root(g: Grid, ratio: float) -> Path:
 
 
 def prepare_data(g: Grid, ratio: float) -> Path:
-    """Generate and preprocess one SinkBench log (deterministic; seconds). Returns the processed dir."""
+    """Generate and preprocess one SinkBench log (deterministic; seconds). Returns the processed dir.
+
+    Several `--part`s start at once and all prepare every ratio: generation and preprocessing run
+    under the processed output's lock (`pipeline.run`, wait=True), so the first part builds and the
+    others wait, regenerate the same bytes and find the output up to date (the raw log's sha256 is
+    in the manifest)."""
+    from pipeline.config import load
+    from pipeline.run import run
+
     raw = Path("data/raw") / f"{g.name}-r{ratio}" / "events.parquet"
     out = dataset_root(g, ratio)
-    py = sys.executable
-    subprocess.run([py, "-m", "pipeline.synth", "--users", str(g.users), "--items", str(g.items), "--seed", "0",
-                    "--repeat-ratio", str(ratio), "--out", str(raw)], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([py, "-m", "pipeline", "--config", "conf/pipeline/sinkbench.yaml", "--input", str(raw),
-                    "--out", str(out), "--name", out.name, "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-    return out
+    cfg = load(["--config", "conf/pipeline/sinkbench.yaml", "--input", str(raw), "--out", str(out),
+                "--name", out.name, "--overwrite", "true"])
+
+    def synth() -> None:
+        subprocess.run([sys.executable, "-m", "pipeline.synth", "--users", str(g.users), "--items", str(g.items),
+                        "--seed", "0", "--repeat-ratio", str(ratio), "--out", str(raw)],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    return run(cfg, log=lambda message: None, wait=True, before=synth)
 
 
 # ---------------------------------------------------------------- per-user analysis of one run

@@ -69,3 +69,31 @@ def test_part_grid_flags_refuse_what_would_overwrite_or_skip(argv, message, caps
     with pytest.raises(SystemExit):
         study.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_parts_started_together_prepare_each_dataset_once(tmp_path, monkeypatch):
+    """`study --part 0/2` and `--part 1/2` start at once and both prepare every ratio. With the pipeline
+    run per part (`--overwrite`, no waiting), the second refused the first's lock and its part died;
+    now the first builds and the others wait and find the output up to date."""
+    import json
+    import multiprocessing
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copytree(repo / "conf" / "pipeline", tmp_path / "conf" / "pipeline")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(repo))  # the synth subprocess runs from tmp_path
+    grid = study.Grid("tiny", ratios=(0.5,), seeds=(1,), archs=("gdn",), ablations=(), users=120, items=80,
+                      epochs=1, max_len=16)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=study.prepare_data, args=(grid, 0.5)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    out = study.dataset_root(grid, 0.5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["name"] == "tiny-r0.5" and manifest["counts"]["users"] == 120
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no lock, no hidden build left
