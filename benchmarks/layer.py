@@ -84,7 +84,8 @@ def _layer_case(kind: str, T: int, reps: int) -> dict:
             eye = torch.eye(T, dtype=torch.bool)
             return layer(h, ((causal & mask[:, None, :]) | eye)[:, None])
     elif kind.startswith("elastic"):
-        lda = LinearDispatcherAttention(D_MODEL, N_HEADS, n_dispatchers=32)
+        lda = LinearDispatcherAttention(SinkRecConfig(num_items=1, arch="elastic", d_model=D_MODEL, n_heads=N_HEADS,
+                                                      n_dispatchers=32).validate())
         pkm = ProductKeyMemory(D_MODEL, n_keys=128, topk=8) if kind == "elastic" else None
         layer = torch.nn.ModuleList([lda] + ([pkm] if pkm else []))
 

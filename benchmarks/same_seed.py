@@ -7,6 +7,7 @@ only moves code must give equal numbers; anything else is printed with both valu
 
     python -m benchmarks.same_seed --base 56427c6                  # SinkRec, GDN, SASRec on ML-100K
     python -m benchmarks.same_seed --base HEAD~3 --archs gdn --epochs 2
+    python -m benchmarks.same_seed --base fb3b89f^ --head 0d70416   # two commits, neither this checkout
 
 The run is conf/train/smoke.yaml (ML-100K, a small model) with the per-step delta-rule reference
 and the reference gates (`kernel_backend=recurrent`, `gate_backend=reference`), so a change in a
@@ -47,6 +48,7 @@ def fit(tree: Path, arch: str, epochs: int, backend: str, work: Path) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="the commit to compare this checkout with")
+    ap.add_argument("--head", default=None, help="compare BASE with this commit instead of this checkout")
     ap.add_argument("--archs", nargs="+", default=["sinkrec", "gdn", "sasrec"])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--backend", default="recurrent", help="model.config.kernel_backend of both runs")
@@ -55,13 +57,15 @@ def main(argv: list[str] | None = None) -> int:
                    cwd=ROOT, check=True)
     moved = 0
     with tempfile.TemporaryDirectory(prefix="same-seed-") as tmp:
-        base = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base], cwd=ROOT, check=True,
-                       capture_output=True)
+        trees = {"base": args.base, **({"head": args.head} if args.head else {})}
+        for name, rev in trees.items():
+            subprocess.run(["git", "worktree", "add", "--detach", str(Path(tmp) / name), rev], cwd=ROOT, check=True,
+                           capture_output=True)
+        base, head = Path(tmp) / "base", (Path(tmp) / "head" if args.head else ROOT)
         try:
             for arch in args.archs:
                 old = fit(base, arch, args.epochs, args.backend, Path(tmp) / "runs-base")
-                new = fit(ROOT, arch, args.epochs, args.backend, Path(tmp) / "runs-here")
+                new = fit(head, arch, args.epochs, args.backend, Path(tmp) / "runs-here")
                 diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                         if old.get(k) != new.get(k)}
                 moved += bool(diff)
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 for k, (a, b) in diff.items():
                     print(f"    {k}: base {a}  here {b}")
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False)
+            for name in trees:
+                subprocess.run(["git", "worktree", "remove", "--force", str(Path(tmp) / name)], cwd=ROOT, check=False)
     print("same numbers" if not moved else f"{moved} of {len(args.archs)} archs moved")
     return 1 if moved else 0
 

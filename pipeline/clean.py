@@ -48,11 +48,3 @@ def restrict(lf: pl.LazyFrame, keep: KeepTables) -> pl.LazyFrame:
     """Only the events whose user and item are both kept."""
     users, items = keep
     return lf.join(users.lazy(), on=USER, how="semi").join(items.lazy(), on=ITEM, how="semi")
-
-
-def kcore(lf: pl.LazyFrame, min_user: int, min_item: int) -> pl.LazyFrame:
-    """The k-core of the events (no-op when both thresholds are <= 1)."""
-    if min_user <= 1 and min_item <= 1:
-        return lf
-    keep, _ = kcore_keep(lf, min_user, min_item)
-    return restrict(lf, keep)

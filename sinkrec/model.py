@@ -292,9 +292,7 @@ class Elastic(SeqRecModel):
 
     def __init__(self, cfg: SinkRecConfig) -> None:
         super().__init__(cfg)
-        self.blocks = nn.ModuleList(
-            ElasticBlock(cfg.d_model, cfg.n_heads, cfg.n_dispatchers, cfg.n_mem_keys, cfg.mem_topk, cfg.dropout)
-            for _ in range(cfg.n_blocks))
+        self.blocks = nn.ModuleList(ElasticBlock(cfg) for _ in range(cfg.n_blocks))
         self.norm_f = RMSNorm(cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
 

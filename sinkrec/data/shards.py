@@ -34,6 +34,8 @@ from pipeline.contract import (
     PROTOCOLS,
     REQUIRED_COLUMNS,
     TS,
+    TS_DTYPE,
+    USER_DTYPE,
     USER_IDX,
     sha256_of,
 )
@@ -226,15 +228,15 @@ class ShardIndex:
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{where}: cannot be read ({e}); the file is truncated or corrupt. "
                              "Re-run the pipeline.") from None
-        ts = np.zeros(0, np.int64)
+        ts = np.zeros(0, TS_DTYPE)
         if source == N_EVENTS:
             counts = table.column(N_EVENTS).to_numpy()
             offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         else:
             offsets, values = _flat(table.column(source), where, source)
             if with_ts:
-                ts = values.astype(np.int64, copy=False)
-        return UserRows(user_idx=np.zeros(len(offsets) - 1, np.int64), offsets=offsets,
+                ts = values.astype(TS_DTYPE, copy=False)
+        return UserRows(user_idx=np.zeros(len(offsets) - 1, USER_DTYPE), offsets=offsets,
                         items=np.zeros(0, ITEM_DTYPE), ts=ts, side={})
 
     def read(self, unit: Unit) -> UserRows:
@@ -279,9 +281,9 @@ class ShardIndex:
                 f"outside 1..{self.num_items} (the manifest's num_items); the shard and manifest disagree. "
                 "Re-run the pipeline.")
         return UserRows(
-            user_idx=np.asarray(table.column(USER_IDX).to_numpy(), dtype=np.int64),
+            user_idx=np.asarray(table.column(USER_IDX).to_numpy(), dtype=USER_DTYPE),
             offsets=off_i,
             items=items.astype(ITEM_DTYPE, copy=False),
-            ts=ts.astype(np.int64, copy=False),
+            ts=ts.astype(TS_DTYPE, copy=False),
             side=side,
         )

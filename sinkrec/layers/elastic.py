@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sinkrec.config import SinkRecConfig
 from sinkrec.modules import ProductKeyMemory, RMSNorm, SwiGLU
 from sinkrec.ops.dispatcher import DispatcherState, dispatcher_attention
 
@@ -29,16 +30,15 @@ class LinearDispatcherAttention(nn.Module):
     W_o W_cv = one matrix. Same function class, two fewer per-head matmuls.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_dispatchers: int) -> None:
+    def __init__(self, cfg: SinkRecConfig) -> None:
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"LinearDispatcherAttention: d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.norm = RMSNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)  # query, key, value of every position
+        D = cfg.d_model
+        self.n_heads, self.head_dim = cfg.n_heads, D // cfg.n_heads  # divisibility: SinkRecConfig.validate
+        self.norm = RMSNorm(D)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)  # query, key, value of every position
         # D [H, J, K]: the dispatchers ("interest experts") of each head
-        self.dispatchers = nn.Parameter(torch.randn(n_heads, n_dispatchers, self.head_dim))
-        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.dispatchers = nn.Parameter(torch.randn(cfg.n_heads, cfg.n_dispatchers, self.head_dim))
+        self.proj = nn.Linear(D, D, bias=False)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, state: DispatcherState | None = None,
                 return_state: bool = False) -> tuple[torch.Tensor, DispatcherState | None]:
@@ -61,13 +61,12 @@ class LinearDispatcherAttention(nn.Module):
 
 
 class ElasticBlock(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_dispatchers: int, n_mem_keys: int, mem_topk: int,
-                 dropout: float) -> None:
+    def __init__(self, cfg: SinkRecConfig) -> None:
         super().__init__()
-        self.lda = LinearDispatcherAttention(d_model, n_heads, n_dispatchers)
-        self.imr = ProductKeyMemory(d_model, n_mem_keys, mem_topk)
-        self.ffn = SwiGLU(d_model, dropout=dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.lda = LinearDispatcherAttention(cfg)
+        self.imr = ProductKeyMemory(cfg.d_model, cfg.n_mem_keys, cfg.mem_topk)
+        self.ffn = SwiGLU(cfg.d_model, dropout=cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, state: DispatcherState | None = None,
                 return_state: bool = False) -> tuple[torch.Tensor, DispatcherState | None]:

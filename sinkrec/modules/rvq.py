@@ -244,9 +244,3 @@ class RVQMemory(nn.Module):
             self.ema_count[level].fill_(1.0)
             r = r - book[nearest_code(r, book)]
         self.initted.fill_(True)
-
-    @torch.no_grad()
-    def utilisation(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Fraction of codes used per level on a batch: [L]."""
-        used = [torch.unique(codes[..., l][mask]).numel() / self.n_codes for l in range(self.n_levels)]
-        return torch.tensor(used)

@@ -54,8 +54,14 @@ def _utilisation_after_training(seed: int) -> torch.Tensor:
     with torch.no_grad():
         out = model(test_items, test_ts, return_states=True)
     mask = test_items != 0
-    return torch.stack([block.memory.utilisation(rec["codes"], mask)
+    return torch.stack([utilisation(rec["codes"], mask, block.memory)
                         for rec, block in zip(out.states, list(model.blocks) * model.cfg.n_loops)])
+
+
+def utilisation(codes: torch.Tensor, mask: torch.Tensor, memory) -> torch.Tensor:
+    """Fraction of the codebook used per level on a batch: [L]."""
+    return torch.tensor([torch.unique(codes[..., level][mask]).numel() / memory.n_codes
+                         for level in range(memory.n_levels)])
 
 
 @pytest.mark.trains

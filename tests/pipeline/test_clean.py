@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.clean import drop_duplicates, filter_rating, kcore
+from pipeline.clean import drop_duplicates, filter_rating, kcore_keep, restrict
 from pipeline.schema import ITEM, POS, RATING, TS, USER
 
 
@@ -27,6 +27,12 @@ def test_filter_rating_threshold_is_inclusive_and_drops_null_ratings():
     lf = pl.LazyFrame({USER: ["u"] * 4, RATING: [3.0, 4.0, None, 5.0]})
     assert filter_rating(lf, 4.0).collect()[RATING].to_list() == [4.0, 5.0]
     assert filter_rating(lf, None).collect().height == 4
+
+
+def kcore(lf: pl.LazyFrame, min_user: int, min_item: int) -> pl.LazyFrame:
+    """The k-core as pipeline/run.py applies it: the kept users and items, then the events of both."""
+    keep, _ = kcore_keep(lf, min_user, min_item)
+    return restrict(lf, keep)
 
 
 def kcore_reference(rows: list[tuple[str, str]], min_user: int, min_item: int) -> set[tuple[str, str]]:
@@ -64,6 +70,7 @@ def test_kcore_cascades_across_rounds():
     assert sorted(set(got[ITEM])) == ["y", "z"]
 
 
-def test_kcore_off_is_identity():
-    lf = events([("a", "y", 0, 0)])
-    assert kcore(lf, 0, 1) is lf
+def test_kcore_thresholds_of_one_keep_every_event():
+    lf = events([("a", "y", 0, 0), ("b", "y", 0, 1), ("b", "z", 0, 2)])
+    keep, kept_events = kcore_keep(lf, 1, 1)
+    assert kept_events == 3 and keep[0].height == 2 and keep[1].height == 2
