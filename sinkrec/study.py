@@ -536,7 +536,7 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
           f"{r['metrics']['test/ndcg_10']:.4f} | {r.get('best_epoch', '?')} | {r['wall_s'] / 60:.1f} |"
           if r.get("metrics") else f"| {r['tag']} | - | FAILED (exit {r['rc']}) | - | - |" for r in rows), "",
     ]
-    text = "\n".join(md)
+    text = carry_hand_written(path.read_text() if path.exists() else "", "\n".join(md))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     (path.parent / (path.stem + ".json")).write_text(json.dumps({"command": command, "rows": rows}, indent=2))
@@ -546,6 +546,26 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         mlflow.log_artifact(str(f), "figures")
     mlflow.log_text(text, "STUDY.md")
     return text
+
+
+HAND_WRITTEN = "## Reading the results (written by hand"  # docs/STUDY.md's section below the generated part
+CARRIED = "> Carried over from the report of "
+
+
+def carry_hand_written(old: str, new: str) -> str:
+    """The new generated report plus the hand-written reading of the report it replaces, if that has
+    one, marked as written for the run it was written for (a rerun must not silently delete the
+    analysis, nor let it pass for a reading of the new numbers)."""
+    if HAND_WRITTEN not in old:
+        return new
+    heading, _, body = old[old.index(HAND_WRITTEN):].partition("\n")
+    body = body.lstrip("\n")
+    if not body.startswith(CARRIED):  # carried once already: its note names the run it was written for
+        date = next((line.removeprefix("- date: ").split(";")[0] for line in old.split("\n")
+                     if line.startswith("- date: ")), "an earlier run")
+        body = (f"{CARRIED}{date}: it was written for that run's numbers. Check it against the tables "
+                f"above, then rewrite it and delete this line.\n\n{body}")
+    return f"{new.rstrip()}\n\n{heading}\n\n{body}"
 
 
 def best_epochs(rows: list[dict], uri: str) -> None:

@@ -97,3 +97,16 @@ def test_parts_started_together_prepare_each_dataset_once(tmp_path, monkeypatch)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["name"] == "tiny-r0.5" and manifest["counts"]["users"] == 120
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no lock, no hidden build left
+
+
+def test_a_rerun_keeps_the_hand_written_reading_marked_as_older():
+    old = ("# SinkBench study\n\n- date: 2026-12-02T08:45; machine: x\n\n| table |\n\n"
+           f"{study.HAND_WRITTEN} after this run; everything above is generated)\n\n**1. A finding.**\n")
+    new = "# SinkBench study\n\n- date: 2026-12-04T23:00; machine: x\n\n| new table |\n"
+    once = study.carry_hand_written(old, new)
+    assert once.startswith(new.rstrip()) and "| table |" not in once
+    assert "**1. A finding.**" in once and f"{study.CARRIED}2026-12-02T08:45:" in once
+    twice = study.carry_hand_written(once, new.replace("2026-12-04T23:00", "2026-12-05T10:00"))
+    assert twice.count(study.CARRIED) == 1 and twice.count("**1. A finding.**") == 1
+    assert f"{study.CARRIED}2026-12-02T08:45:" in twice  # still the run the reading was written for
+    assert study.carry_hand_written("# no reading here\n", new) == new
