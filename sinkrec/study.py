@@ -491,7 +491,8 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
     rel = lambda p: os.path.relpath(p, path.parent)
     md = [
         f"# SinkBench study ({g.name})", "",
-        f"- command: `{command}`; {len(rows)} runs, {wall / 60:.0f} min wall",
+        (f"- command: `{command}`; {len(rows)} runs, {sum(r.get('wall_s', 0.0) for r in rows) / 60:.0f} min of "
+         f"training summed over the runs; this command: {wall / 60:.0f} min wall (a reused run counts 0)"),
         f"- date: {dt.datetime.now().isoformat(timespec='minutes')}; machine: {machine()}",
         (f"- data: `pipeline.synth --users {g.users} --items {g.items} --seed 0 --repeat-ratio R`, R in "
         f"{list(g.ratios)}; leave-one-out split (test = each user's last event; its `kind` makes it a "
