@@ -98,13 +98,15 @@ bench-crosscheck: setup
 	$(PYTHON) -m benchmarks.sasrec_crosscheck --epochs $(CROSSCHECK_EPOCHS) $(ARGS)
 
 # The SinkBench study (docs/STUDY.md): SinkBench logs at 3 repeat ratios x {SinkRec, GDN, SASRec, ELASTIC} x 2 seeds
-# + SinkRec's ablations, one MLflow parent run; about 1.5-2 h on 2 free cores. QUICK=1: the same
+# + SinkRec's ablations, one MLflow parent run; 74 min on 2 free cores (2026-12-04). QUICK=1: the same
 # machinery on a tiny grid (~2-4 min; its report goes to outputs/study-quick/, not docs/).
 # RESUME=1 reuses the finished runs of an interrupted study.
 QUICK ?=
+# JOBS: training processes at once, each with cpu_count / JOBS torch threads
+JOBS ?= 2
 RESUME ?=
 study: setup
-	$(PYTHON) -m sinkrec.study $(if $(QUICK),--quick) $(if $(RESUME),--resume) $(ARGS)
+	$(PYTHON) -m sinkrec.study --jobs $(JOBS) $(if $(QUICK),--quick) $(if $(RESUME),--resume) $(ARGS)
 
 clean:
 	rm -rf data/processed bench_results .pytest_cache checkpoints lightning_logs

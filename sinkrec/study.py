@@ -22,6 +22,10 @@
 the work directory, never over docs/STUDY.md. `--resume` reuses finished runs found in the work
 directory (each run's summary.json), so an interrupted study continues where it stopped.
 
+`--jobs n` (`make study`: 2) trains in n processes at once, each a `--part i/n` below with
+cpu_count / n torch threads, then writes the report from their runs: the whole grid took 74 min on
+2 cores this way (143 min of training summed over its 34 runs; docs/STUDY.md).
+
 A part of the grid: `--ratios`, `--archs`, `--ablations`, `--variants` replace the grid's lists (a
 report of a part needs its own `--report` path). `--part i/n` trains every n-th run from the i-th
 and writes no report, so n processes can share one work directory; a last `--resume` run with the
@@ -76,6 +80,7 @@ VARIANTS = {
 SWITCHES = {**ABLATIONS, **VARIANTS}
 LABEL = {"sinkrec": "SinkRec", "gdn": "GDN (= memory off)", "sasrec": "SASRec", "elastic": "ELASTIC",
          **{f"sinkrec+{a}": f"SinkRec, {a.replace('_', ' ')}" for a in ABLATIONS},
+         **{f"gdn+{a}": f"GDN, {a.replace('_', ' ')}" for a in ABLATIONS},
          "sinkrec+coverage_sup": "SinkRec + coverage supervision",
          "sinkrec+repeat_gate": "SinkRec + repeat gate",
          "sinkrec+repeat_gate_sup": "SinkRec + repeat gate, supervised"}
@@ -94,6 +99,7 @@ class Grid:
     max_len: int
     extra: tuple[str, ...] = ()  # more `sinkrec fit` overrides, the same for every run
     variants: tuple[str, ...] = ()  # design changes (VARIANTS), run at the highest ratio
+    ablated: tuple[str, ...] = ("sinkrec",)  # the archs the ablations are run for (variants: SinkRec only)
 
 
 FULL = Grid("sinkbench", ratios=(0.1, 0.4, 0.7), seeds=(1, 2), archs=("sinkrec", "gdn", "sasrec", "elastic"),
@@ -108,7 +114,7 @@ QUICK = Grid("sinkbench-quick", ratios=(0.1, 0.7), seeds=(1,), archs=("sinkrec",
 @dataclass(frozen=True)
 class Run:
     ratio: float
-    model: str  # "sinkrec" | "gdn" | "sasrec" | "sinkrec+<ablation>"
+    model: str  # "sinkrec" | "gdn" | "sasrec" | "elastic" | "<arch>+<ablation or variant>"
     seed: int
 
     @property
@@ -123,7 +129,12 @@ class Run:
 def grid_runs(g: Grid) -> list[Run]:
     runs = [Run(r, a, s) for r in g.ratios for a in g.archs for s in g.seeds]
     top = max(g.ratios)
-    return runs + [Run(top, f"sinkrec+{a}", s) for a in (*g.ablations, *g.variants) for s in g.seeds]
+    return runs + [Run(top, m, s) for m in top_models(g) for s in g.seeds]
+
+
+def top_models(g: Grid) -> list[str]:
+    """The ablated and changed models run at the highest ratio only, e.g. "sinkrec+one_loop"."""
+    return [*(f"{arch}+{a}" for arch in g.ablated for a in g.ablations), *(f"sinkrec+{v}" for v in g.variants)]
 
 
 def dataset_root(g: Grid, ratio: float) -> Path:
@@ -389,8 +400,7 @@ def plots(g: Grid, rows: list[dict], analyses: dict, outdir: Path) -> list[Path]
     plt.close(fig)
     # 2. every model at the highest ratio (the ablations and design variants beside SinkRec and GDN)
     top = max(g.ratios)
-    models = [m for m in ("sinkrec", "gdn", *(f"sinkrec+{a}" for a in (*g.ablations, *g.variants)))
-              if groups.get((top, m))]
+    models = [m for m in ("sinkrec", "gdn", *top_models(g)) if groups.get((top, m))]
     if models:
         fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(models) + 2), 4))
         width = 0.8 / 3
@@ -485,7 +495,7 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
     files = plots(g, rows, analyses, figdir)
     main_keys = [(x, a) for x in g.ratios for a in g.archs]
     top = max(g.ratios)
-    abl_keys = [(top, "sinkrec"), (top, "gdn"), *((top, f"sinkrec+{a}") for a in (*g.ablations, *g.variants))]
+    abl_keys = [(top, "sinkrec"), (top, "gdn"), *((top, m) for m in top_models(g))]
     failed = [r["tag"] for r in rows if not r.get("summary")]
     inconsistent = [r["tag"] for r in rows if r.get("summary") and not r.get("consistent")]
     rel = lambda p: os.path.relpath(p, path.parent)
@@ -582,6 +592,19 @@ def best_epochs(rows: list[dict], uri: str) -> None:
 
 
 
+def part_commands(argv: list[str], jobs: int, report: Path) -> list[list[str]]:
+    """`--jobs n`: the n `--part i/n` command lines of the same grid (argv without --jobs)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip or a == "--jobs" or a.startswith("--jobs="):
+            skip = a == "--jobs"
+            continue
+        rest.append(a)
+    if "--report" not in rest and not any(a.startswith("--report=") for a in rest):
+        rest += ["--report", str(report)]  # a part writes no report, but a part of the grid must name one
+    return [[sys.executable, "-m", "sinkrec.study", *rest, "--part", f"{i}/{jobs}"] for i in range(jobs)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m sinkrec.study", description=__doc__.split("\n\n")[0])
@@ -597,10 +620,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", nargs="+", default=None, choices=("sinkrec", "gdn", "sasrec", "elastic"))
     p.add_argument("--ablations", nargs="*", default=None, choices=tuple(ABLATIONS), help="at the highest ratio")
     p.add_argument("--variants", nargs="*", default=None, choices=tuple(VARIANTS), help="at the highest ratio")
+    p.add_argument("--ablate-archs", dest="ablated", nargs="+", default=None, choices=("sinkrec", "gdn"),
+                   help="run the ablations for these archs (default sinkrec; gdn: e.g. GDN with one loop)")
     p.add_argument("--part", default=None, help="i/n: train every n-th run from the i-th; no report")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train in this many processes at once (each a --part, with cpu_count / jobs torch "
+                        "threads), then write the report from their runs (`make study`: 2)")
     args = p.parse_args(argv)
+    if args.jobs < 1 or (args.jobs > 1 and args.part is not None):
+        p.error(f"--jobs {args.jobs}: expected >= 1, and not together with --part (--jobs starts the parts)")
     g = QUICK if args.quick else FULL
-    subset = {k: tuple(v) for k in ("ratios", "seeds", "archs", "ablations", "variants")
+    subset = {k: tuple(v) for k in ("ratios", "seeds", "archs", "ablations", "variants", "ablated")
               if (v := getattr(args, k)) is not None}
     if subset:
         if args.report is None and not args.quick:
@@ -630,6 +660,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for ratio in g.ratios:
         print(f"[study] data: {prepare_data(g, ratio)}", flush=True)
+    if args.jobs > 1:  # the parts train; this process then reuses their runs and writes the report
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        procs = [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
+                 for cmd in part_commands(argv, args.jobs, path)]
+        print(f"[study] {args.jobs} parts training, {threads} thread(s) each: pids "
+              f"{' '.join(str(pr.pid) for pr in procs)}", flush=True)
+        failed = [i for i, pr in enumerate(procs) if pr.wait() != 0]
+        if failed:
+            print(f"[study] parts {failed} did not finish every run; this process retrains what is missing",
+                  flush=True)
+        args.resume = True
     runs = grid_runs(g)
     if part is not None:
         runs = runs[part[0]::part[1]]

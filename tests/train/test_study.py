@@ -110,3 +110,20 @@ def test_a_rerun_keeps_the_hand_written_reading_marked_as_older():
     assert twice.count(study.CARRIED) == 1 and twice.count("**1. A finding.**") == 1
     assert f"{study.CARRIED}2026-12-02T08:45:" in twice  # still the run the reading was written for
     assert study.carry_hand_written("# no reading here\n", new) == new
+
+
+def test_jobs_start_one_part_each_with_the_same_grid(tmp_path):
+    argv = ["--ratios", "0.7", "--jobs", "3", "--seeds", "1", "2", "--report", "x.md"]
+    cmds = study.part_commands(argv, 3, tmp_path / "unused.md")
+    assert [c[c.index("--part") + 1] for c in cmds] == ["0/3", "1/3", "2/3"]
+    for c in cmds:
+        assert c[1:3] == ["-m", "sinkrec.study"] and "--jobs" not in c and "3" not in c[3:-2]
+        assert c[3:-2] == ["--ratios", "0.7", "--seeds", "1", "2", "--report", "x.md"]
+    whole = study.part_commands(["--jobs=2", "--resume"], 2, tmp_path / "STUDY.md")
+    assert whole[0][3:] == ["--resume", "--report", str(tmp_path / "STUDY.md"), "--part", "0/2"]
+
+
+def test_jobs_and_part_together_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--jobs", "2", "--part", "0/2"])
+    assert "not together with --part" in capsys.readouterr().err
