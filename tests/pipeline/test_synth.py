@@ -53,7 +53,7 @@ def test_two_processes_writing_the_same_log_do_not_collide(tmp_path):
     """Two `study --part`s prepare the same log at once: each writes its own partial file and renames it
     into place, so both succeed and the result is the one log (a shared partial name made one fail)."""
     out = tmp_path / "raw" / "events.parquet"
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not fork: a fork after Arrow's threads started can deadlock
     procs = [ctx.Process(target=_generate_once, args=(str(out),)) for _ in range(3)]
     for p in procs:
         p.start()

@@ -86,7 +86,9 @@ def test_parts_started_together_prepare_each_dataset_once(tmp_path, monkeypatch)
     monkeypatch.setenv("PYTHONPATH", str(repo))  # the synth subprocess runs from tmp_path
     grid = study.Grid("tiny", ratios=(0.5,), seeds=(1,), archs=("gdn",), ablations=(), users=120, items=80,
                       epochs=1, max_len=16)
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: earlier tests in this process have started Polars' thread pool, and a forked
+    # child that calls Polars then deadlocks on a lock one of those threads held (seen in the full suite)
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=study.prepare_data, args=(grid, 0.5)) for _ in range(3)]
     for p in procs:
         p.start()
