@@ -37,6 +37,7 @@ same grid then writes the report from their runs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
@@ -44,6 +45,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -662,11 +664,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[study] data: {prepare_data(g, ratio)}", flush=True)
     if args.jobs > 1:  # the parts train; this process then reuses their runs and writes the report
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-        procs = [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
+        # each part in its own process group, so that stopping this process stops the parts' trainings too
+        procs = [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}, start_new_session=True)
                  for cmd in part_commands(argv, args.jobs, path)]
         print(f"[study] {args.jobs} parts training, {threads} thread(s) each: pids "
               f"{' '.join(str(pr.pid) for pr in procs)}", flush=True)
-        failed = [i for i, pr in enumerate(procs) if pr.wait() != 0]
+        def stop(signum: int, frame: object) -> None:  # `kill` (SIGTERM) unwinds like Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            failed = [i for i, pr in enumerate(procs) if pr.wait() != 0]
+        except BaseException:  # Ctrl-C or an error here: no part keeps training without its parent
+            for pr in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pr.pid, signal.SIGTERM)
+            raise
         if failed:
             print(f"[study] parts {failed} did not finish every run; this process retrains what is missing",
                   flush=True)
