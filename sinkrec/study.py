@@ -607,6 +607,30 @@ def part_commands(argv: list[str], jobs: int, report: Path) -> list[list[str]]:
     return [[sys.executable, "-m", "sinkrec.study", *rest, "--part", f"{i}/{jobs}"] for i in range(jobs)]
 
 
+def train_parts(argv: list[str], jobs: int, report: Path) -> list[int]:
+    """`--jobs n`: run the n parts at once, cpu_count / n torch threads each; the parts that failed.
+    Each part has its own process group: Ctrl-C or SIGTERM here stops the parts and their trainings."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    procs = [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}, start_new_session=True)
+             for cmd in part_commands(argv, jobs, report)]
+    print(f"[study] {jobs} parts training, {threads} thread(s) each: pids {' '.join(str(pr.pid) for pr in procs)}",
+          flush=True)
+
+    def stop(signum: int, frame: object) -> None:  # `kill` (SIGTERM) unwinds like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return [i for i, pr in enumerate(procs) if pr.wait() != 0]
+    except BaseException:  # no part keeps training without its parent
+        for pr in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pr.pid, signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m sinkrec.study", description=__doc__.split("\n\n")[0])
@@ -663,23 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in g.ratios:
         print(f"[study] data: {prepare_data(g, ratio)}", flush=True)
     if args.jobs > 1:  # the parts train; this process then reuses their runs and writes the report
-        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-        # each part in its own process group, so that stopping this process stops the parts' trainings too
-        procs = [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}, start_new_session=True)
-                 for cmd in part_commands(argv, args.jobs, path)]
-        print(f"[study] {args.jobs} parts training, {threads} thread(s) each: pids "
-              f"{' '.join(str(pr.pid) for pr in procs)}", flush=True)
-        def stop(signum: int, frame: object) -> None:  # `kill` (SIGTERM) unwinds like Ctrl-C
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, stop)
-        try:
-            failed = [i for i, pr in enumerate(procs) if pr.wait() != 0]
-        except BaseException:  # Ctrl-C or an error here: no part keeps training without its parent
-            for pr in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pr.pid, signal.SIGTERM)
-            raise
+        failed = train_parts(argv, args.jobs, path)
         if failed:
             print(f"[study] parts {failed} did not finish every run; this process retrains what is missing",
                   flush=True)

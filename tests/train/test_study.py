@@ -1,6 +1,11 @@
 """The study's bookkeeping: the grid, per-run summaries, the sink-curve buckets and the verdict."""
 from __future__ import annotations
 
+import json
+import multiprocessing
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -75,11 +80,6 @@ def test_parts_started_together_prepare_each_dataset_once(tmp_path, monkeypatch)
     """`study --part 0/2` and `--part 1/2` start at once and both prepare every ratio. With the pipeline
     run per part (`--overwrite`, no waiting), the second refused the first's lock and its part died;
     now the first builds and the others wait and find the output up to date."""
-    import json
-    import multiprocessing
-    import shutil
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[2]
     shutil.copytree(repo / "conf" / "pipeline", tmp_path / "conf" / "pipeline")
     monkeypatch.chdir(tmp_path)
