@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows bench-packing bench-plan-read bench-same-seed compare study mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows bench-packing bench-plan-read bench-same-seed bench-throughput compare study mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -86,6 +86,10 @@ bench-plan-read: setup  # what a data.max_tokens plan reads at set-up: the n_eve
 	$(PYTHON) -m benchmarks.plan_read $(ARGS)
 
 BASE ?= HEAD
+# training events/s of two commits at once on ML-1M (default: streaming 2c63fa8 vs the in-memory path before it)
+bench-throughput: data
+	$(PYTHON) -m benchmarks.throughput $(ARGS)
+
 bench-same-seed: setup  # a refactor must not move a number: same-seed test metrics here vs BASE
 	$(PYTHON) -m benchmarks.same_seed --base $(BASE) $(ARGS)
 
