@@ -23,6 +23,7 @@ last.ckpt. Checkpoints are written atomically and read with weights_only=True.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -81,6 +82,30 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / experiment)
     return None
+
+
+def ensure_experiment(uri: str, experiment: str) -> None:
+    """Open the MLflow store and create `experiment` in it if missing, one process at a time.
+
+    A fresh sqlite store builds its tables by running MLflow's schema migrations on first open. Two
+    processes that open it at the same moment (two `make compare` runs started together) both
+    migrate, and one, sometimes both, dies with "duplicate column name: step" or "table experiments
+    already exists" (3 of 3 tries with three processes, 2026-12-06). An exclusive lock on
+    `<store>.lock` beside the database serialises the first open and the experiment's creation;
+    a server store (http) serialises on its own."""
+    from mlflow.tracking import MlflowClient
+
+    with contextlib.ExitStack() as stack:
+        if uri.startswith("sqlite:///"):
+            import fcntl
+
+            db = Path(uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            lock = stack.enter_context(open(db.with_name(db.name + ".lock"), "w"))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
 
 
 # `trainer.callbacks` when a config lists none (lightning's class_path/init_args form, as in YAML)
@@ -186,6 +211,7 @@ class SinkRecCLI(LightningCLI):
         if m.parent_run_id:
             tags["mlflow.parentRunId"] = m.parent_run_id  # MLflow's own nesting tag
         check_tracking_store(uri, m.check_timeout_s)  # seconds, not MLflow's minutes of retries
+        ensure_experiment(uri, experiment)
         return KillableMLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
                                     artifact_location=_artifact_location(uri, experiment), tags=tags)
 

@@ -142,12 +142,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from sinkrec.cli import _artifact_location, tracking_uri
+    from sinkrec.cli import ensure_experiment, tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=_artifact_location(uri, experiment))
+    ensure_experiment(uri, experiment)
     mlflow.set_experiment(experiment)
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H%M")
     command = shlex.join(["python", "-m", "sinkrec.compare", *argv, *(["--", *extra] if extra else [])])

@@ -676,12 +676,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from sinkrec.cli import _artifact_location, tracking_uri
+    from sinkrec.cli import ensure_experiment, tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri, EXPERIMENT))
+    ensure_experiment(uri, EXPERIMENT)
     mlflow.set_experiment(EXPERIMENT)
     t0 = time.perf_counter()
     for ratio in g.ratios:

@@ -351,3 +351,34 @@ def test_backends_may_differ_from_the_checkpoint_with_a_warning():
     module.hparams["config"]["d_model"] = 32
     with pytest.raises(UserError, match="model.config.d_model: checkpoint 16, this run 32"):
         check_against(ckpt, "x.ckpt", module, resuming=True)
+
+
+def _open_store_at_once(uri: str, barrier, results) -> None:
+    from sinkrec.cli import ensure_experiment
+
+    barrier.wait()  # all processes open the fresh store at the same moment
+    try:
+        ensure_experiment(uri, "ml-1m")
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - the test reports what each process hit
+        results.put(f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def test_runs_started_together_share_a_fresh_mlflow_store(tmp_path):
+    """Without the lock in ensure_experiment, three processes opening a new sqlite store at once died
+    in MLflow's schema migration (duplicate column / table already exists) in 3 of 3 tries."""
+    import multiprocessing as mp
+
+    from mlflow.tracking import MlflowClient
+
+    ctx = mp.get_context("spawn")  # not fork: the test process may already run Arrow / torch threads
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_open_store_at_once, args=(uri, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert outcomes == ["ok"] * 3, outcomes
+    assert [e.name for e in MlflowClient(uri).search_experiments()].count("ml-1m") == 1
