@@ -24,6 +24,19 @@ def test_repeated_mask_counts_within_each_row():
     assert rep.tolist() == [[False, False, True, False, True, True], [True, True, True, False, False, False]]
 
 
+def _repeated_mask_pairwise(items: torch.Tensor, min_repeats: int) -> torch.Tensor:
+    """The reference: count each position's item over its row with a [B, T, T] comparison."""
+    return (items != 0) & ((items[:, :, None] == items[:, None, :]).sum(-1) >= min_repeats)
+
+
+@pytest.mark.parametrize("min_repeats", [1, 2, 3, 5])
+def test_repeated_mask_equals_the_pairwise_count(min_repeats):
+    g = torch.Generator().manual_seed(min_repeats)
+    items = torch.randint(0, 12, (6, 40), generator=g)  # pads (0) and repeats in every row
+    items[2] = 0  # an all-pad row
+    assert torch.equal(repeated_mask(items, min_repeats), _repeated_mask_pairwise(items, min_repeats))
+
+
 def _one_item_keys(K: int, T: int, direction: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
     k = direction.expand(1, T, 1, K).clone()
     return k + noise * torch.randn_like(k)
