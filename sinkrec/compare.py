@@ -87,8 +87,13 @@ def add_training_stats(rows: list[dict], uri: str) -> None:
         row["epochs"] = len(seconds)
         row["events_per_s"] = statistics.fmean(m.value for m in rate) if rate else float("nan")
         row["train_s"] = sum(m.value for m in seconds)
+        # the validation curves, so a later run (on another machine, another store) can be compared epoch by epoch
+        row["val_curves"] = {name: [m.value for m in sorted(client.get_metric_history(row["run_id"], name),
+                                                            key=lambda m: m.step)]
+                             for name in VAL_CURVES}
 
 
+VAL_CURVES = ("val_seen_excluded/ndcg_10", "val/ndcg_10")
 COLUMNS = [("test/ndcg_10", "NDCG@10"), ("test/hr_10", "HR@10"), ("test/mrr", "MRR"),
            ("test_seen_excluded/ndcg_10", "NDCG@10 (seen excl.)"), ("test_seen_excluded/hr_10", "HR@10 (seen excl.)")]
 

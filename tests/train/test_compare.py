@@ -37,6 +37,7 @@ def test_compare_trains_each_config_and_seed_into_one_table_and_nested_runs(tiny
     assert "Mean ± std over seeds" in text and "- machine: " in text and "- command: " in text
     rows = json.loads(md.with_suffix(".json").read_text())["rows"]
     assert [r["epochs"] for r in rows] == [1, 1] and all(r["peak_rss_gib"] > 0.05 for r in rows)
+    assert all(len(r["val_curves"]["val_seen_excluded/ndcg_10"]) == 1 for r in rows)  # one epoch, one value
     assert all("test_seen_excluded/ndcg_10" in r["metrics"] for r in rows)
 
     import mlflow
