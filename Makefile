@@ -85,11 +85,11 @@ bench-packing: setup  # packing (data.pack) vs padding: compute on padding per e
 bench-plan-read: setup  # what a data.max_tokens plan reads at set-up: the n_events column vs the item lists
 	$(PYTHON) -m benchmarks.plan_read $(ARGS)
 
-BASE ?= HEAD
 # training events/s of two commits at once on ML-1M (default: streaming 2c63fa8 vs the in-memory path before it)
 bench-throughput: data
 	$(PYTHON) -m benchmarks.throughput $(ARGS)
 
+BASE ?= HEAD
 bench-same-seed: setup  # a refactor must not move a number: same-seed test metrics here vs BASE
 	$(PYTHON) -m benchmarks.same_seed --base $(BASE) $(ARGS)
 

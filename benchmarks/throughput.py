@@ -31,8 +31,8 @@ def start_fit(tree: Path, config: str, epochs: int, work: Path, extra: list[str]
            f"--trainer.default_root_dir={work}", f"--checkpoint.dirpath={work}/ckpt", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree),
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    log = open(work / "fit.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(work / "fit.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def read_run(work: Path) -> dict:
