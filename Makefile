@@ -23,7 +23,7 @@ MASTER_PORT ?= 29500
 MLFLOW_PORT ?= 5000
 PYTEST_ARGS ?=
 
-.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows bench-packing bench-plan-read bench-same-seed bench-throughput compare study mlflow-ui clean
+.PHONY: setup data preprocess train train-smoke test test-slow test-chaos test-portability bench bench-preprocess bench-layer bench-ops bench-crosscheck bench-epoch bench-data bench-loss bench-windows bench-packing bench-plan-read bench-same-seed bench-layer-ab bench-throughput compare study mlflow-ui clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -92,6 +92,9 @@ bench-throughput: data
 BASE ?= HEAD
 bench-same-seed: setup  # a refactor must not move a number: same-seed test metrics here vs BASE
 	$(PYTHON) -m benchmarks.same_seed --base $(BASE) $(ARGS)
+
+bench-layer-ab: setup  # a kernel change: TDGD layer and chunk op fwd+bwd, BASE vs here, alternating rounds
+	$(PYTHON) -m benchmarks.layer_ab --base $(BASE) $(ARGS)
 
 bench-ops: setup
 	$(PYTHON) -m benchmarks.ops

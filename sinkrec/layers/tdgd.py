@@ -116,7 +116,7 @@ class TDGD(nn.Module):
             backend=self.kernel_backend,
         )  # o: [B, T, H, V]
         if self.memory:
-            o = o + gates.r[..., None] * vm  # the position reads its own memory pair
+            o = torch.addcmul(o, gates.r[..., None], vm)  # the position reads its own memory pair
         y = self.w_o((self.o_norm(o) * F.silu(og)).flatten(-2))  # [B, T, H, V] -> [B, T, D]
         record = None
         if return_record:  # what the sink diagnostics read (sinkrec.diagnostics)

@@ -298,32 +298,54 @@ class _LiveStorageBytes(TorchDispatchMode):
         return out
 
 
-def _chunk_backward_memory(T: int, H: int, K: int, V: int) -> tuple[int, int, int]:
-    """(bytes saved for backward, peak live bytes during backward, input bytes) at B=1."""
+def _chunk_backward_memory(T: int, H: int, K: int, V: int) -> tuple[int, int, int, int]:
+    """(bytes saved for backward, bytes of the kept per-group factors, peak live bytes during
+    backward, input bytes) at B=1."""
     xs = [x.requires_grad_() for x in make_inputs(1, T, H, K, V, seed=29)[:5]]
     o, _ = gated_delta_rule(*xs, backend="chunk")
     saved = sum(t.nbytes for t in o.grad_fn.saved_tensors)
+    factors = sum(t.nbytes for group in (o.grad_fn.factors or []) for t in group)
     do = torch.randn_like(o)
     with _LiveStorageBytes() as mem:
         o.backward(do)
-    return saved, mem.peak, sum(x.nbytes for x in xs)
+    return saved, factors, mem.peak, sum(x.nbytes for x in xs)
 
 
-def test_chunk_backward_memory_is_linear_in_T():
+@pytest.mark.parametrize("save_factors", [True, False])
+def test_chunk_backward_memory_is_linear_in_T(monkeypatch, save_factors):
+    monkeypatch.setattr(chunk_mod, "SAVE_FACTORS", save_factors)
     H, K, V = 2, 16, 16
+    C = chunk_mod.CHUNK_SIZE
     # both lengths hold whole groups of chunks, so the per-group temporaries are the same size
-    small = chunk_mod.CHUNK_SIZE * max(1, chunk_mod.GROUP_CHUNK_HEADS // H)
+    small = C * max(1, chunk_mod.GROUP_CHUNK_HEADS // H)
     large = 4 * small
-    _, peak_s, in_s = _chunk_backward_memory(small, H, K, V)
-    saved_l, peak_l, in_l = _chunk_backward_memory(large, H, K, V)
-    # only the inputs (in chunk layout; `large` needs no padding) and the chunk-boundary states
+    _, factors_s, peak_s, in_s = _chunk_backward_memory(small, H, K, V)
+    saved_l, factors_l, peak_l, in_l = _chunk_backward_memory(large, H, K, V)
+    # the inputs (in chunk layout; `large` needs no padding) and the chunk-boundary states
     # [N+1, B*H, K, V] are saved
-    n_chunks = large // chunk_mod.CHUNK_SIZE
+    n_chunks = large // C
     assert saved_l <= in_l + (n_chunks + 1) * H * K * V * 4
+    if save_factors:
+        # and each group's factors: M, [A ; P], (I + A)^{-1} (4 C x C), [beta K ; Q], qg, kd (4 C x K)
+        # and W (C x (V + K)) per chunk-head: a constant per token, linear in T
+        assert factors_l == 4 * factors_s == large * H * (4 * C + 5 * K + V) * 4, (factors_s, factors_l)
+    else:
+        assert factors_s == factors_l == 0
     # the peak grows linearly in T, and by a few copies of the inputs (chunk layout, grads), not by
     # per-chunk C x C / C x K temporaries for every chunk at once (that would be >10x the inputs here)
     assert peak_l <= 4.5 * peak_s, (peak_s, peak_l)
     assert peak_l - peak_s <= 6 * (in_l - in_s), (peak_l - peak_s, in_l - in_s)
+
+
+def test_saved_and_recomputed_factors_give_the_same_gradients(monkeypatch):
+    inputs = make_inputs(2, 200, 2, 16, 8, seed=5)
+    do, dht = torch.randn(2, 200, 2, 8), torch.randn(2, 2, 16, 8)
+    res = {}
+    for save in (True, False):
+        monkeypatch.setattr(chunk_mod, "SAVE_FACTORS", save)
+        res[save] = run_with_grads(ours("chunk"), inputs, do, dht)
+    for name, a, b in zip(NAMES, res[True], res[False]):  # the same ops on the same inputs
+        assert rel_rms(a, b) <= 1e-6, f"{name}: rel RMS {rel_rms(a, b):.2e}"
 
 
 def test_resolve_backend_auto_on_cpu():

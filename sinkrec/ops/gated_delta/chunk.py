@@ -14,8 +14,9 @@ so with A_ij = beta_i (k_i . k_j) e^{gamma_i - gamma_j} for j < i (strictly lowe
 
 Everything but S0 is independent across chunks, so it is computed for a group of G chunks (of
 all B*H sequence-heads) at once: batched [G, B*H, C, C] / [G, B*H, C, K] matmuls and a blocked
-triangular inverse. Only the state hand-off S0 -> S_C is a Python loop over the chunks (three
-small ops per chunk).
+triangular inverse. Only the state hand-off is a Python loop over the chunks, one small matmul
+per chunk: substituting U, S_C = (e^{gamma_C} I - (e^{gamma_C - gamma} K)^T W_k) S0 + (e^{gamma_C - gamma} K)^T W_v,
+whose matrix and offset are batched with the rest (`_transition`).
 
 Packed sequences (`cu_seqlens`, B = 1): each sequence is laid out from a fresh chunk and
 zero-padded to whole chunks (`_Packed`), so the per-chunk math above is unchanged; the state walk
@@ -23,9 +24,10 @@ starts each sequence's first chunk from that sequence's initial state and writes
 leaving state to that sequence's final state. At most C - 1 padding positions per sequence.
 
 The backward is hand-written (`ChunkGatedDeltaRuleFunction`): the forward saves the inputs (in
-chunk layout) and the N chunk-entering states, O(T/C * K * V); the backward walks the chunk
-groups in reverse and recomputes each group's factors, so at any time only one group's C x C
-temporaries exist and memory grows linearly in T with a small constant. Only exp of
+chunk layout), the N chunk-entering states, O(T/C * K * V), and each group's factors (M, [A ; P],
+(I + A)^{-1}, W, ...: O(T * (C + K + V)), linear in T); the backward walks the chunk groups in
+reverse and reuses them. With `SAVE_FACTORS = False` it recomputes each group's factors instead,
+so only one group's C x C temporaries exist at any time (less memory, ~10% more time). Only exp of
 gamma_i - gamma_j (j <= i), of gamma and of gamma_C - gamma are taken, never exp(-gamma), so a
 strong decay underflows to 0 instead of overflowing.
 """
@@ -37,7 +39,10 @@ from torch.autograd.function import once_differentiable
 
 CHUNK_SIZE = 32  # 32 measured ~25% faster than 64 on CPU (fewer C^2 FLOPs; see benchmarks/ops.py)
 # chunk-heads (chunks x B*H) batched per step; see _chunks_per_group
-GROUP_CHUNK_HEADS = 32
+GROUP_CHUNK_HEADS = 64  # 64 measured ~8% faster than 32 and 128 at T = 200-16384 (2 MiB L2, one thread)
+# the backward reuses the forward's per-group factors instead of recomputing them (see
+# ChunkGatedDeltaRuleFunction.forward); False recomputes, for the least memory
+SAVE_FACTORS = True
 
 
 def _chunk_view(x: torch.Tensor, C: int) -> torch.Tensor:
@@ -135,7 +140,9 @@ def _prepare(q, k, v, g, beta, scale: float, C: int, packed: _Packed | None):
     """Inputs in chunk layout and the accumulation dtype; g becomes its within-chunk cumsum gamma."""
     acc = torch.promote_types(v.dtype, torch.float32)
     conv = _to_chunks if packed is None else packed.to_chunks
-    q = conv(q, C, acc).mul_(scale)  # [N, B*H, C, K]
+    q = conv(q, C, acc)  # [N, B*H, C, K]
+    if scale != 1.0:
+        q.mul_(scale)
     k = conv(k, C, acc)  # [N, B*H, C, K]
     v = conv(v, C, acc)  # [N, B*H, C, V]
     # every chunk holds one sequence (packed: padded per sequence), so the cumsum never crosses one
@@ -216,8 +223,18 @@ def _intra_chunk(q, k, v, gamma, beta):
     return M, KQ, AP, Tinv, W, qg, kd
 
 
+def _transition(W: torch.Tensor, kd: torch.Tensor, gamma: torch.Tensor, V: int) -> torch.Tensor:
+    """A [G, B*H, K, K] = e^{gamma_C} I - kd^T W_k, the linear map of the entering state in the
+    leaving one: with U = W_v - W_k S0, S_C = e^{gamma_C} S0 + kd^T U = A S0 + kd^T W_v. Folding the
+    three per-chunk steps into one matrix leaves the sequential state walk one matmul per chunk
+    (and its reverse, dS0 = A^T dS_C + ..., likewise)."""
+    A = (kd.mT @ W[..., V:]).neg_()
+    A.diagonal(dim1=-2, dim2=-1).add_(gamma[..., -1:].exp())
+    return A
+
+
 def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, chunks: _Padded | _Packed,
-                               n_seq: int = 1):
+                               n_seq: int = 1, keep: list | None = None):
     """Chunk-layout forward.
 
     Args:
@@ -225,6 +242,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, ch
         h0: [S, B*H, K, V] or None, the initial state of each of the S sequences (S = 1 unpacked)
         chunks: which chunks start / end a sequence, and which sequence each belongs to
         n_seq: S, the number of sequences
+        keep: a list to append each group's `_intra_chunk` factors to (for the backward), or None
 
     Returns:
         o: [N, B*H, C, V]
@@ -240,20 +258,21 @@ def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, ch
     G = _chunks_per_group(N, BH)
     for s in range(0, N, G):
         e = min(s + G, N)
-        _, _, AP, _, W, qg, kd = _intra_chunk(q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e])
+        factors = _intra_chunk(q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e])
+        if keep is not None:
+            keep.append(factors)
+        _, _, AP, _, W, qg, kd = factors
         P = AP[..., k.shape[-2] :, :]
-        U, W_k = W[..., :V].contiguous(), W[..., V:]  # U starts as W_v, becomes W_v - W_k S0 below
-        kdT = kd.mT
-        decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1] e^{gamma_C}
+        W_v, W_k = W[..., :V], W[..., V:]
+        A, b = _transition(W, kd, gamma[s:e], V), kd.mT @ W_v  # S_C = A S0 + b
         # the only sequential part: hand each chunk's final state to the next, starting each
-        # sequence from its own initial state
+        # sequence from its own initial state; one small matmul per chunk
         for i, n in enumerate(range(s, e)):
             if chunks.first[n]:
                 states[n] = final[chunks.seq[n]]  # its initial state (zero if none)
-            U[i].baddbmm_(W_k[i], states[n], alpha=-1)
             out = final[chunks.seq[n]] if chunks.last[n] else states[n + 1]
-            torch.mul(states[n], decay[i], out=out)
-            out.baddbmm_(kdT[i], U[i])
+            torch.baddbmm(b[i], A[i], states[n], out=out)
+        U = torch.matmul(W_k, states[s:e]).neg_().add_(W_v)  # U = W_v - W_k S0
         torch.matmul(qg, states[s:e], out=o[s:e])
         o[s:e].add_(P @ U)
     return o, states, final
@@ -307,15 +326,18 @@ def _chunk_grads(q, k, v, gamma, beta, S0, dS1, do, dU, M, KQ, AP, Tinv, W, qg, 
 
 
 def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: float, B: int, T: int,
-                               chunks: _Padded | _Packed, packed: _Packed | None, n_seq: int):
+                               chunks: _Padded | _Packed, packed: _Packed | None, n_seq: int,
+                               factors: list | None = None):
     """Gradients of (o, final states) from the chunk-layout inputs saved by the forward.
 
-    Walks the chunk groups backwards, recomputing each group's factors, and writes each group's
-    gradients straight into [B, N*C, H, *] buffers (cut back to the T real positions on return).
+    Walks the chunk groups backwards, taking each group's factors from `factors` (the forward's,
+    `keep`) or, when None, recomputing them, and writes each group's gradients straight into
+    [B, N*C, H, *] buffers (cut back to the T real positions on return).
 
     Args:
         q, k, v, gamma, beta, states: as saved by `ChunkGatedDeltaRuleFunction.forward`
         do: [B, T, H, V]; dht: [S, B*H, K, V] or None (gradient w.r.t. each sequence's final state)
+        factors: the forward's per-group `_intra_chunk` results, in group order, or None
 
     Returns:
         dq, dk: [B, T, H, K]; dv: [B, T, H, V]; dg, dbeta: [B, T, H]; dh0: [S, B*H, K, V]
@@ -338,24 +360,25 @@ def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: flo
     for s in reversed(range(0, N, G)):
         e = min(s + G, N)
         args = q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e]
-        M, KQ, AP, Tinv, W, qg, kd = _intra_chunk(*args)
+        M, KQ, AP, Tinv, W, qg, kd = _intra_chunk(*args) if factors is None else factors.pop()
         P = AP[..., C:, :]
-        W_kT = W[..., V:].mT
-        decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1]
-        # reverse state walk: each chunk adds its direct read-out term qg^T dO and passes on
-        #   dU_n = P^T dO + kd dS_{n+1},   dS_n = e^{gamma_C} dS_{n+1} + qg^T dO - W_k^T dU_n
+        A = _transition(W, kd, gamma[s:e], V)
+        # reverse state walk: with dU_n = P^T dO + kd dS_{n+1} (the gradient w.r.t. U),
+        #   dS_n = e^{gamma_C} dS_{n+1} + qg^T dO - W_k^T dU_n = A^T dS_{n+1} + (qg^T dO - W_k^T P^T dO)
+        PtdO = P.mT @ do[s:e]  # [G, B*H, C, V]
         torch.matmul(qg.mT, do[s:e], out=dS[s:e])
-        dU = P.mT @ do[s:e]  # [G, B*H, C, V]
+        dS[s:e].sub_(W[..., V:].mT @ PtdO)
         for i in reversed(range(e - s)):
             n = s + i
             if chunks.last[n]:
                 dS[n + 1] = dht[chunks.seq[n]]
-            dU[i].baddbmm_(kd[i], dS[n + 1])
-            dS[n].addcmul_(dS[n + 1], decay[i]).baddbmm_(W_kT[i], dU[i], alpha=-1)
+            dS[n].baddbmm_(A[i].mT, dS[n + 1])
             if chunks.first[n]:
                 dh0[chunks.seq[n]] = dS[n]
+        dU = torch.matmul(kd, dS[s + 1 : e + 1]).add_(PtdO)
         grads = _chunk_grads(*args, states[s:e], dS[s + 1 : e + 1], do[s:e], dU, M, KQ, AP, Tinv, W, qg, kd)
-        grads[0].mul_(scale)  # q entered as scale * q
+        if scale != 1.0:
+            grads[0].mul_(scale)  # q entered as scale * q
         for view, grad in zip(grad_views, grads):
             view[s:e] = grad.view(e - s, B, H, C, -1)
     if packed is None:
@@ -377,10 +400,15 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         # states of the rows [B*H] of each sequence: unpacked, one sequence of B*H rows; packed
         # (B = 1), N sequences of H rows
         h0 = None if initial_state is None else initial_state.reshape(n_seq, B * H, K, V)
-        o, states, final = chunk_gated_delta_rule_fwd(qc, kc, vc, gamma, betac, h0, chunks, n_seq)
+        # with gradients wanted, the backward reuses each group's factors (M, A, P, (I + A)^{-1}, W, ...)
+        # instead of recomputing them: ~2.5x the saved inputs' memory (still O(T), with no T^2 term)
+        # for about a fifth of the op's forward + backward time (benchmarks/ops.py)
+        keep = [] if SAVE_FACTORS and any(ctx.needs_input_grad) else None
+        o, states, final = chunk_gated_delta_rule_fwd(qc, kc, vc, gamma, betac, h0, chunks, n_seq, keep)
         # the inputs (in chunk layout, so the backward need not convert them again) and the
-        # chunk-entering states; the backward recomputes every per-chunk factor from these
+        # chunk-entering states
         ctx.save_for_backward(qc, kc, vc, gamma, betac, states)
+        ctx.factors = keep
         ctx.shape = (B, T)
         ctx.scale = scale
         ctx.chunks, ctx.packed, ctx.n_seq = chunks, packed, n_seq
@@ -407,7 +435,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         if dht is not None:
             dht = dht.to(q.dtype).reshape(ctx.n_seq, B * H, K, V)
         grads = chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, ctx.scale, B, T,
-                                           ctx.chunks, ctx.packed, ctx.n_seq)
+                                           ctx.chunks, ctx.packed, ctx.n_seq, ctx.factors)
+        ctx.factors = None
         grads = (*grads[:5], grads[5].view(ctx.n_seq * B, H, K, V))
         dq, dk, dv, dg, dbeta, dh0 = (
             None if dtype is None else grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes)
