@@ -50,6 +50,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, params=["affine-walk", "three-op-walk"])
+def _state_walk(request, monkeypatch):
+    # every test runs under both of the chunk kernel's state walks (chunk_mod._affine_walk picks one
+    # by the rows per step; here each is forced on every shape)
+    monkeypatch.setattr(chunk_mod, "AFFINE_WALK_MAX_ROWS", 10**9 if request.param == "affine-walk" else 0)
+
+
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (
         (x.double() - ref.double()).pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt().clamp_min(1e-30)

@@ -14,8 +14,9 @@ so with A_ij = beta_i (k_i . k_j) e^{gamma_i - gamma_j} for j < i (strictly lowe
 
 Everything but S0 is independent across chunks, so it is computed for a group of G chunks (of
 all B*H sequence-heads) at once: batched [G, B*H, C, C] / [G, B*H, C, K] matmuls and a blocked
-triangular inverse. Only the state hand-off is a Python loop over the chunks, one small matmul
-per chunk: substituting U, S_C = (e^{gamma_C} I - (e^{gamma_C - gamma} K)^T W_k) S0 + (e^{gamma_C - gamma} K)^T W_v,
+triangular inverse. Only the state hand-off S0 -> S_C is a Python loop over the chunks: three
+small ops per chunk, or, for few sequence-heads per step (`_affine_walk`), one matmul per chunk
+after substituting U: S_C = (e^{gamma_C} I - (e^{gamma_C - gamma} K)^T W_k) S0 + (e^{gamma_C - gamma} K)^T W_v,
 whose matrix and offset are batched with the rest (`_transition`).
 
 Packed sequences (`cu_seqlens`, B = 1): each sequence is laid out from a fresh chunk and
@@ -40,6 +41,8 @@ from torch.autograd.function import once_differentiable
 CHUNK_SIZE = 32  # 32 measured ~25% faster than 64 on CPU (fewer C^2 FLOPs; see benchmarks/ops.py)
 # chunk-heads (chunks x B*H) batched per step; see _chunks_per_group
 GROUP_CHUNK_HEADS = 64  # 64 measured ~8% faster than 32 and 128 at T = 200-16384 (2 MiB L2, one thread)
+# the state walk is the affine one (one matmul per chunk, `_affine_walk`) up to this many sequence-heads
+AFFINE_WALK_MAX_ROWS = 8
 # the backward reuses the forward's per-group factors instead of recomputing them (see
 # ChunkGatedDeltaRuleFunction.forward); False recomputes, for the least memory
 SAVE_FACTORS = True
@@ -223,6 +226,15 @@ def _intra_chunk(q, k, v, gamma, beta):
     return M, KQ, AP, Tinv, W, qg, kd
 
 
+def _affine_walk(BH: int) -> bool:
+    """Which state walk: the affine one (`_transition`, one matmul per chunk, plus batched K x K
+    products) pays off when a step carries few sequence-heads, i.e. long sequences in small batches,
+    where the per-chunk calls dominate; with many rows per step (ML-1M: B*H = 256 at T = 200) the
+    extra products cost more than the calls they save. Measured on one thread of an AVX-512 EPYC:
+    +20% at B*H = 2 (T = 16384), even at 8, -5% at 256 (`make bench-layer-ab`, docs/MODEL.md)."""
+    return BH <= AFFINE_WALK_MAX_ROWS
+
+
 def _transition(W: torch.Tensor, kd: torch.Tensor, gamma: torch.Tensor, V: int) -> torch.Tensor:
     """A [G, B*H, K, K] = e^{gamma_C} I - kd^T W_k, the linear map of the entering state in the
     leaving one: with U = W_v - W_k S0, S_C = e^{gamma_C} S0 + kd^T U = A S0 + kd^T W_v. Folding the
@@ -264,15 +276,26 @@ def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, ch
         _, _, AP, _, W, qg, kd = factors
         P = AP[..., k.shape[-2] :, :]
         W_v, W_k = W[..., :V], W[..., V:]
-        A, b = _transition(W, kd, gamma[s:e], V), kd.mT @ W_v  # S_C = A S0 + b
         # the only sequential part: hand each chunk's final state to the next, starting each
-        # sequence from its own initial state; one small matmul per chunk
-        for i, n in enumerate(range(s, e)):
-            if chunks.first[n]:
-                states[n] = final[chunks.seq[n]]  # its initial state (zero if none)
-            out = final[chunks.seq[n]] if chunks.last[n] else states[n + 1]
-            torch.baddbmm(b[i], A[i], states[n], out=out)
-        U = torch.matmul(W_k, states[s:e]).neg_().add_(W_v)  # U = W_v - W_k S0
+        # sequence from its own initial state
+        if _affine_walk(BH):  # one small matmul per chunk: S_C = A S0 + b
+            A, b = _transition(W, kd, gamma[s:e], V), kd.mT @ W_v
+            for i, n in enumerate(range(s, e)):
+                if chunks.first[n]:
+                    states[n] = final[chunks.seq[n]]  # its initial state (zero if none)
+                out = final[chunks.seq[n]] if chunks.last[n] else states[n + 1]
+                torch.baddbmm(b[i], A[i], states[n], out=out)
+            U = torch.matmul(W_k, states[s:e]).neg_().add_(W_v)  # U = W_v - W_k S0
+        else:  # three: U = W_v - W_k S0, then S_C = e^{gamma_C} S0 + kd^T U
+            U, kdT = W_v.contiguous(), kd.mT
+            decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1] e^{gamma_C}
+            for i, n in enumerate(range(s, e)):
+                if chunks.first[n]:
+                    states[n] = final[chunks.seq[n]]
+                U[i].baddbmm_(W_k[i], states[n], alpha=-1)
+                out = final[chunks.seq[n]] if chunks.last[n] else states[n + 1]
+                torch.mul(states[n], decay[i], out=out)
+                out.baddbmm_(kdT[i], U[i])
         torch.matmul(qg, states[s:e], out=o[s:e])
         o[s:e].add_(P @ U)
     return o, states, final
@@ -362,20 +385,30 @@ def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: flo
         args = q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e]
         M, KQ, AP, Tinv, W, qg, kd = _intra_chunk(*args) if factors is None else factors.pop()
         P = AP[..., C:, :]
-        A = _transition(W, kd, gamma[s:e], V)
         # reverse state walk: with dU_n = P^T dO + kd dS_{n+1} (the gradient w.r.t. U),
         #   dS_n = e^{gamma_C} dS_{n+1} + qg^T dO - W_k^T dU_n = A^T dS_{n+1} + (qg^T dO - W_k^T P^T dO)
-        PtdO = P.mT @ do[s:e]  # [G, B*H, C, V]
         torch.matmul(qg.mT, do[s:e], out=dS[s:e])
-        dS[s:e].sub_(W[..., V:].mT @ PtdO)
+        dU = P.mT @ do[s:e]  # [G, B*H, C, V]; P^T dO for now
+        affine = _affine_walk(BH)
+        if affine:
+            A = _transition(W, kd, gamma[s:e], V)
+            dS[s:e].sub_(W[..., V:].mT @ dU)
+        else:
+            W_kT = W[..., V:].mT
+            decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1]
         for i in reversed(range(e - s)):
             n = s + i
             if chunks.last[n]:
                 dS[n + 1] = dht[chunks.seq[n]]
-            dS[n].baddbmm_(A[i].mT, dS[n + 1])
+            if affine:
+                dS[n].baddbmm_(A[i].mT, dS[n + 1])
+            else:
+                dU[i].baddbmm_(kd[i], dS[n + 1])
+                dS[n].addcmul_(dS[n + 1], decay[i]).baddbmm_(W_kT[i], dU[i], alpha=-1)
             if chunks.first[n]:
                 dh0[chunks.seq[n]] = dS[n]
-        dU = torch.matmul(kd, dS[s + 1 : e + 1]).add_(PtdO)
+        if affine:
+            dU.add_(kd @ dS[s + 1 : e + 1])
         grads = _chunk_grads(*args, states[s:e], dS[s + 1 : e + 1], do[s:e], dU, M, KQ, AP, Tinv, W, qg, kd)
         if scale != 1.0:
             grads[0].mul_(scale)  # q entered as scale * q
