@@ -221,8 +221,8 @@ def test_study_analysis_recomputes_the_trainers_test_metrics(trained, tiny_kind_
 
 
 @pytest.mark.parametrize("name,expected", [
-    ("ml1m_sinkrec", {"arch": "sinkrec", "n_heads": 2, "n_loops": 1, "n_codes": 128, "lr": 0.002, "max_epochs": 30,
-                      "patience": 6}),
+    ("ml1m_sinkrec", {"arch": "sinkrec", "d_model": 128, "n_heads": 2, "n_loops": 1, "n_codes": 128, "lr": 0.002,
+                      "max_epochs": 30, "patience": 6}),
     ("ml1m_gdn", {"arch": "gdn", "n_heads": 2, "n_loops": 1, "lr": 0.002, "max_epochs": 30, "patience": 6}),
     ("ml1m_sasrec", {"arch": "sasrec", "n_heads": 1, "lr": 0.001, "max_epochs": 60, "patience": 10}),
     ("ml1m_elastic", {"arch": "elastic", "n_heads": 2, "n_mem_keys": 128, "lr": 0.002, "max_epochs": 30,
@@ -235,11 +235,12 @@ def test_ml1m_configs_compose_the_base_and_their_own_lines(name, expected, capsy
         main(["fit", "--config", f"conf/train/{name}.yaml", "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
     m = cfg["model"]["config"]
-    got = {**{k: m[k] for k in ("arch", "n_heads", "n_loops", "n_codes", "n_mem_keys") if k in expected},
+    got = {**{k: m[k] for k in ("arch", "d_model", "n_heads", "n_loops", "n_codes", "n_mem_keys") if k in expected},
            "lr": cfg["optimizer"]["lr"], "max_epochs": cfg["trainer"]["max_epochs"],
            "patience": cfg["early_stopping"]["patience"]}
     assert got == expected
-    assert (m["d_model"], m["n_blocks"], m["dropout"], m["loss"]) == (64, 2, 0.2, "full")  # from the base
+    assert (m["n_blocks"], m["dropout"], m["loss"]) == (2, 0.2, "full")  # from the base
+    assert m["d_model"] == expected.get("d_model", 64)  # the base's 64 unless the model sets its own
     d = cfg["data"]
     assert (d["root"], d["max_len"], d["batch_size"], d["eval_batch_size"]) == ("data/processed/ml-1m", 200, 128, 512)
     assert cfg["trainer"]["max_time"] == "00:00:36:00" and cfg["trainer"]["precision"] == "32-true"
