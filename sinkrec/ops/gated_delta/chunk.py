@@ -433,9 +433,9 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         # states of the rows [B*H] of each sequence: unpacked, one sequence of B*H rows; packed
         # (B = 1), N sequences of H rows
         h0 = None if initial_state is None else initial_state.reshape(n_seq, B * H, K, V)
-        # with gradients wanted, the backward reuses each group's factors (M, A, P, (I + A)^{-1}, W, ...)
-        # instead of recomputing them: ~2.5x the saved inputs' memory (still O(T), with no T^2 term)
-        # for about a fifth of the op's forward + backward time (benchmarks/ops.py)
+        # with gradients wanted, the backward reuses each group's factors (M, [A ; P], (I + A)^{-1}, W, ...)
+        # instead of recomputing them: ~2.5x the saved inputs' memory (still O(T), no T^2 term) for
+        # ~8% of the op's forward + backward time (measured side by side; docs/MODEL.md)
         keep = [] if SAVE_FACTORS and any(ctx.needs_input_grad) else None
         o, states, final = chunk_gated_delta_rule_fwd(qc, kc, vc, gamma, betac, h0, chunks, n_seq, keep)
         # the inputs (in chunk layout, so the backward need not convert them again) and the
