@@ -268,6 +268,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, ch
     # a sequence with no positions (packed) keeps its initial state
     final = q.new_zeros(n_seq, BH, K, V) if h0 is None else h0.to(q.dtype, copy=True)
     G = _chunks_per_group(N, BH)
+    affine = _affine_walk(BH)
     for s in range(0, N, G):
         e = min(s + G, N)
         factors = _intra_chunk(q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e])
@@ -276,26 +277,25 @@ def chunk_gated_delta_rule_fwd(q, k, v, gamma, beta, h0: torch.Tensor | None, ch
         _, _, AP, _, W, qg, kd = factors
         P = AP[..., k.shape[-2] :, :]
         W_v, W_k = W[..., :V], W[..., V:]
-        # the only sequential part: hand each chunk's final state to the next, starting each
-        # sequence from its own initial state
-        if _affine_walk(BH):  # one small matmul per chunk: S_C = A S0 + b
+        if affine:  # one small matmul per chunk: S_C = A S0 + b
             A, b = _transition(W, kd, gamma[s:e], V), kd.mT @ W_v
-            for i, n in enumerate(range(s, e)):
-                if chunks.first[n]:
-                    states[n] = final[chunks.seq[n]]  # its initial state (zero if none)
-                out = final[chunks.seq[n]] if chunks.last[n] else states[n + 1]
-                torch.baddbmm(b[i], A[i], states[n], out=out)
-            U = torch.matmul(W_k, states[s:e]).neg_().add_(W_v)  # U = W_v - W_k S0
         else:  # three: U = W_v - W_k S0, then S_C = e^{gamma_C} S0 + kd^T U
             U, kdT = W_v.contiguous(), kd.mT
             decay = gamma[s:e, :, -1, None, None].exp()  # [G, B*H, 1, 1] e^{gamma_C}
-            for i, n in enumerate(range(s, e)):
-                if chunks.first[n]:
-                    states[n] = final[chunks.seq[n]]
+        # the only sequential part: hand each chunk's final state to the next, starting each
+        # sequence from its own initial state
+        for i, n in enumerate(range(s, e)):
+            if chunks.first[n]:
+                states[n] = final[chunks.seq[n]]  # its initial state (zero if none)
+            out = final[chunks.seq[n]] if chunks.last[n] else states[n + 1]
+            if affine:
+                torch.baddbmm(b[i], A[i], states[n], out=out)
+            else:
                 U[i].baddbmm_(W_k[i], states[n], alpha=-1)
-                out = final[chunks.seq[n]] if chunks.last[n] else states[n + 1]
                 torch.mul(states[n], decay[i], out=out)
                 out.baddbmm_(kdT[i], U[i])
+        if affine:
+            U = torch.matmul(W_k, states[s:e]).neg_().add_(W_v)  # U = W_v - W_k S0
         torch.matmul(qg, states[s:e], out=o[s:e])
         o[s:e].add_(P @ U)
     return o, states, final
@@ -380,6 +380,7 @@ def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: flo
     dht = q.new_zeros(n_seq, BH, K, V) if dht is None else dht
     dh0 = dht.clone()  # a sequence with no positions passes its final-state gradient straight back
     G = _chunks_per_group(N, BH)
+    affine = _affine_walk(BH)
     for s in reversed(range(0, N, G)):
         e = min(s + G, N)
         args = q[s:e], k[s:e], v[s:e], gamma[s:e], beta[s:e]
@@ -389,7 +390,6 @@ def chunk_gated_delta_rule_bwd(q, k, v, gamma, beta, states, do, dht, scale: flo
         #   dS_n = e^{gamma_C} dS_{n+1} + qg^T dO - W_k^T dU_n = A^T dS_{n+1} + (qg^T dO - W_k^T P^T dO)
         torch.matmul(qg.mT, do[s:e], out=dS[s:e])
         dU = P.mT @ do[s:e]  # [G, B*H, C, V]; P^T dO for now
-        affine = _affine_walk(BH)
         if affine:
             A = _transition(W, kd, gamma[s:e], V)
             dS[s:e].sub_(W[..., V:].mT @ dU)
