@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sinkrec.modules import ShortConv
 from sinkrec.ops import short_conv
-from sinkrec.ops.short_conv import short_conv_reference
+from sinkrec.ops.short_conv import channels_last, short_conv_reference
 
 
 def _by_definition(x, weight, activation):
@@ -23,9 +23,15 @@ def _by_definition(x, weight, activation):
     return F.silu(y) if activation == "silu" else y
 
 
+# BLOCK_ELEMENTS: the production size (at these shapes, all rows in one block); 10 elements (one
+# batch row's window of max(W, 2) positions per block); 40 (several rows per block for T <= 7, windows for
+# T = 33)
+@pytest.mark.parametrize("block_elements", [None, 10, 40])
 @pytest.mark.parametrize("T", [0, 1, 2, 3, 4, 7, 33])
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_channels_last_equals_reference_values_and_grads(T, activation):
+def test_channels_last_equals_reference_values_and_grads(T, activation, block_elements, monkeypatch):
+    if block_elements is not None:
+        monkeypatch.setattr(channels_last, "BLOCK_ELEMENTS", block_elements)
     torch.manual_seed(T)
     B, C, W = 3, 5, 4
     base = torch.randn(B, T, C + 3, dtype=torch.float64, requires_grad=True)
