@@ -19,7 +19,6 @@ pre-activation y (one [B, T, C] tensor more than autograd through the reference 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 BLOCK_ELEMENTS = 1 << 18  # elements of x per block (1 MiB in float32): a block's passes stay in L2
