@@ -3,7 +3,7 @@
 The reference (`naive.py`) transposes to [B, C, T] for `F.conv1d`: on CPU that costs two transposed
 copies each way, a depthwise conv backward that oneDNN runs slowly, and a SiLU (and its backward)
 over a transposed, strided tensor. Measured on one layer's [4, 4096, 192] input, one thread:
-conv + SiLU forward and backward ~150-280 ms there, ~20 ms here (`python -m benchmarks.layer`).
+conv + SiLU forward and backward ~150-280 ms there, ~20-26 ms here (docs/MODEL.md).
 
 Here the W taps are W shifted multiply-adds over contiguous channels:
 
@@ -15,7 +15,8 @@ Here the W taps are W shifted multiply-adds over contiguous channels:
 every pass unit-stride. The passes run block by block (`_blocks`: whole sequences when they are
 short, else windows of time), so each block's W passes read it from L2 instead of streaming the whole
 tensor from memory W times (a layer's input is ~13 MB; one block ~1 MB). It saves x and the
-pre-activation y (one [B, T, C] tensor more than autograd through the reference would hold)."""
+pre-activation y (one [B, T, C] tensor more than autograd through the reference would hold), and x as a
+contiguous copy when it came in strided."""
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,8 @@ BLOCK_ELEMENTS = 1 << 18  # elements of x per block (1 MiB in float32): a block'
 
 def _blocks(B: int, T: int, C: int, W: int) -> list[tuple[slice, int, int]]:
     """(batch slice, t0, t1) blocks covering [B, T] with about BLOCK_ELEMENTS elements each: whole
-    sequences of several batch rows when a sequence is short, else one row's windows of time
-    (at least W positions, so a tap never reaches back more than one block)."""
+    sequences of several batch rows when a sequence is short, else one row's windows of time (of at
+    least W positions; a window's taps read the positions before it from the previous one)."""
     per_seq = T * C
     if per_seq >= BLOCK_ELEMENTS:
         R = max(W, BLOCK_ELEMENTS // max(C, 1))
