@@ -57,6 +57,29 @@ def eligible(end: np.ndarray, first: np.ndarray, stage: Stage) -> np.ndarray:
     return (first >= 1) & (end > first)
 
 
+def shuffle_ties(
+    items: np.ndarray, ts: np.ndarray, kind: np.ndarray | None, end: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Copies of `items` and `kind` with events [0, end) permuted at random inside each run of equal
+    timestamps (`data.shuffle_ties`, training only). Events at `end` and after (the validation and
+    test targets) never move, and nothing moves across a timestamp. On ML-1M half the consecutive
+    events share a second (a user rating a page of films at once), so their stored order is an
+    artefact of how the log was written, not behaviour: training on random orders of each tie
+    stops the model from fitting that artefact."""
+    items = items.copy()
+    kind = None if kind is None else kind.copy()
+    t = ts[:end]
+    if end < 2 or not (t[1:] == t[:-1]).any():
+        return items, kind
+    new_run = np.r_[True, t[1:] != t[:-1]]
+    run_id = np.cumsum(new_run) - 1  # 0, 0, 1, 2, 2, 2, ...: runs keep their order, members are keyed at random
+    perm = np.argsort(run_id + rng.random(end), kind="stable")
+    items[:end] = items[:end][perm]
+    if kind is not None:
+        kind[:end] = kind[:end][perm]
+    return items, kind
+
+
 def make_example(
     items: np.ndarray,
     ts: np.ndarray,

@@ -59,6 +59,9 @@ class SeqRecDataModule(pl.LightningDataModule):
             rank: reads the whole dataset once), "own" (each shard this process reads, before its
             first use: a rank hashes only its share), "off" (no hashing; unreadable or truncated files
             and counts that disagree with the manifest are still refused, naming the file).
+        shuffle_ties: training reads each user's events in a fresh random order inside every run of
+            equal timestamps, each epoch (collate.shuffle_ties); validation and test read the stored
+            order. For logs whose timestamps are coarse (ML-1M: seconds, half the neighbours tie).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         verify: Verify = "own",
         pack: bool = False,
         max_tokens: int | None = None,
+        shuffle_ties: bool = False,
     ) -> None:
         super().__init__()
         if (max_len is not None and max_len < 1) or batch_size < 1 or eval_batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
@@ -87,7 +91,7 @@ class SeqRecDataModule(pl.LightningDataModule):
         self.root, self.max_len, self.batch_size = Path(root), max_len, batch_size
         self.eval_batch_size, self.num_workers, self.bucket_batches = eval_batch_size, num_workers, bucket_batches
         self.shuffle_buffer, self.seed, self.verify, self.pack = shuffle_buffer, seed, verify, pack
-        self.max_tokens = max_tokens
+        self.max_tokens, self.shuffle_ties = max_tokens, shuffle_ties
         self.manifest = load_manifest(self.root)  # fails early, naming the file, if root is wrong
         self.index: ShardIndex | None = None
         self._train_loader: StreamLoader | None = None
@@ -129,7 +133,8 @@ class SeqRecDataModule(pl.LightningDataModule):
         return StageStream(self.index, stage, rank, world, self.num_workers,
                            self.batch_size if train else self.eval_batch_size, self.bucket_batches,
                            self.shuffle_buffer, self.max_len, self.seed, self.kind_column, self.pack,
-                           self.max_tokens, self.plan_epochs() if train and self.max_tokens else 1)
+                           self.max_tokens, self.plan_epochs() if train and self.max_tokens else 1,
+                           self.shuffle_ties)
 
     def plan_epochs(self) -> int:
         """Epochs a token-budget plan covers: the trainer's max_epochs (1 without a trainer)."""

@@ -37,7 +37,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from sinkrec.data.collate import Stage, collate_left_pad, collate_packed, eligible, make_example, stage_bounds
+from sinkrec.data.collate import (
+    Stage,
+    collate_left_pad,
+    collate_packed,
+    eligible,
+    make_example,
+    shuffle_ties,
+    stage_bounds,
+)
 from sinkrec.data.shards import ShardIndex, Unit, UserRows
 
 UNITS_PER_SLOT = 8  # units per (rank, worker) slot: the granularity of the split
@@ -79,12 +87,15 @@ def stage_rows(rows: UserRows, stage: Stage, split: dict[str, Any]) -> tuple[np.
 
 
 def stage_examples(rows: UserRows, stage: Stage, split: dict[str, Any], max_len: int | None,
-                   kind_column: str | None) -> Iterator[dict[str, Any]]:
-    """The examples (collate.make_example) of the users of `rows` that have a target in `stage`."""
+                   kind_column: str | None, tie_rng: np.random.Generator | None = None) -> Iterator[dict[str, Any]]:
+    """The examples (collate.make_example) of the users of `rows` that have a target in `stage`;
+    with `tie_rng`, each user's events before `end` in a random order inside equal timestamps."""
     end, first, ok = stage_rows(rows, stage, split)
     for r in np.flatnonzero(ok):
         items, ts, side = rows.row(r)
         kind = side.get(kind_column) if kind_column else None
+        if tie_rng is not None:
+            items, kind = shuffle_ties(items, ts, kind, int(end[r]), tie_rng)
         yield make_example(items, ts, kind, int(end[r]), int(first[r]), max_len, int(rows.user_idx[r]), True)
 
 
@@ -188,8 +199,9 @@ class StageStream(Dataset):
     def __init__(self, index: ShardIndex, stage: Stage, rank: int, world: int, workers: int, batch_size: int,
                  bucket_batches: int, shuffle_buffer: int, max_len: int | None, seed: int,
                  kind_column: str | None, pack: bool = False, max_tokens: int | None = None,
-                 plan_epochs: int = 1) -> None:
+                 plan_epochs: int = 1, shuffle_ties: bool = False) -> None:
         self.index, self.stage, self.rank, self.world = index, stage, rank, world
+        self.shuffle_ties = shuffle_ties and stage == "train"  # data.shuffle_ties
         self.packed = pack and stage != "predict"  # data.pack (predict keeps [B, T] rows for top-k)
         self.collate = collate_packed if self.packed else collate_left_pad
         self.workers = max(1, workers)  # slots per rank (0 workers = the main process = one slot)
@@ -249,12 +261,15 @@ class StageStream(Dataset):
         """The slot's examples in stream order; `dry`: only their lengths, in the same order."""
         split = self.index.manifest["split"]
         pool: list[Any] = []
+        # its own generator: the dry replay (lengths only) draws nothing for ties and must stay in step
+        tie_rng = np.random.default_rng([self.seed, epoch, slot, 2]) if self.shuffle_ties and not dry else None
         for unit in self.slot_plan(epoch, slot):
             if dry:
                 lengths = self._lengths[unit.shard, unit.row_group][unit.lo : unit.hi]
                 source: Iterator[Any] = (int(n) for n in lengths if n >= 0)
             else:
-                source = stage_examples(self.index.read(unit), self.stage, split, self.max_len, self.kind_column)
+                source = stage_examples(self.index.read(unit), self.stage, split, self.max_len, self.kind_column,
+                                        tie_rng)
             for ex in source:
                 if not self.shuffle:
                     yield ex

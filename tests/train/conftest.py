@@ -29,10 +29,12 @@ def make_processed(
     kind: bool = False,
     seed: int = 0,
     counts: bool = True,
+    ts_step: int = 5000,
 ) -> Path:
     """Write `root/` with manifest.json, shards/, items.parquet, users.parquet (leave-one-out split).
     `counts`: the shards carry the N_EVENTS column, as the pipeline writes them (False: a dataset
-    written before that column existed).
+    written before that column existed). `ts_step`: gaps between a user's events are uniform in
+    [0, ts_step) seconds (2: about half the neighbours share a timestamp, as on ML-1M).
 
     Users get a learnable pattern (item i tends to follow item i-1), so a model can beat chance.
     """
@@ -45,7 +47,7 @@ def make_processed(
         start = int(rng.integers(1, num_items + 1))
         items = [(start + t - 1) % num_items + 1 if rng.random() < 0.8 else int(rng.integers(1, num_items + 1))
                  for t in range(n)]
-        ts = np.cumsum(rng.integers(0, 5000, n)).astype(np.int64) + 1_000_000
+        ts = np.cumsum(rng.integers(0, ts_step, n)).astype(np.int64) + 1_000_000
         row = {USER_IDX: u, ITEM_IDX: items, TS: ts.tolist(), N_EVENTS: n}
         if kind:
             row["kind"] = rng.integers(0, 2, n).tolist()
