@@ -644,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="replace the grid's seeds (the whole grid keeps 2 to fit ~2 h on 2 cores)")
     p.add_argument("--archs", nargs="+", default=None, choices=("sinkrec", "gdn", "sasrec", "elastic"))
+    p.add_argument("--epochs", type=int, default=None,
+                   help="replace the grid's epochs (the cosine schedule spans them); use a fresh --work")
     p.add_argument("--ablations", nargs="*", default=None, choices=tuple(ABLATIONS), help="at the highest ratio")
     p.add_argument("--variants", nargs="*", default=None, choices=tuple(VARIANTS), help="at the highest ratio")
     p.add_argument("--ablate-archs", dest="ablated", nargs="+", default=None, choices=("sinkrec", "gdn"),
@@ -656,11 +658,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1 or (args.jobs > 1 and args.part is not None):
         p.error(f"--jobs {args.jobs}: expected >= 1, and not together with --part (--jobs starts the parts)")
     g = QUICK if args.quick else FULL
-    subset = {k: tuple(v) for k in ("ratios", "seeds", "archs", "ablations", "variants", "ablated")
-              if (v := getattr(args, k)) is not None}
+    subset: dict = {k: tuple(v) for k in ("ratios", "seeds", "archs", "ablations", "variants", "ablated")
+                    if (v := getattr(args, k)) is not None}
+    if args.epochs is not None:
+        if args.epochs < 1:
+            p.error(f"--epochs {args.epochs}: expected >= 1")
+        subset["epochs"] = args.epochs
     if subset:
         if args.report is None and not args.quick:
-            p.error("a part of the grid (--ratios/--seeds/--archs/--ablations/--variants) needs --report: "
+            p.error("a part of the grid (--ratios/--seeds/--archs/--ablations/--variants/--epochs) needs --report: "
                     "docs/STUDY.md is the whole grid's report")
         g = dataclasses.replace(g, **subset)
     part = None

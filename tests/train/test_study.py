@@ -69,6 +69,8 @@ def test_verdict_needs_ten_percent_on_every_seed_and_lower_occupancy():
     (["--seeds", "1", "2", "3"], "needs --report"),  # more seeds than the whole grid's report has
     (["--variants", "repeat_gate", "--part", "2/2", "--report", "x.md"], "expected i/n"),
     (["--variants", "no_such_variant", "--report", "x.md"], "invalid choice"),
+    (["--epochs", "24"], "needs --report"),  # a longer schedule is not the whole grid's report either
+    (["--epochs", "0", "--report", "x.md"], "expected >= 1"),
 ])
 def test_part_grid_flags_refuse_what_would_overwrite_or_skip(argv, message, capsys):
     with pytest.raises(SystemExit):
