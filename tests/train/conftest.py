@@ -102,6 +102,17 @@ def fit_tiny_cli(root: Path, out: Path, *flags: str) -> dict:
     return torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
 
 
+def stored_rows(dm) -> dict[int, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+    """user_idx -> (items, ts, side columns) as stored, read unit by unit through `dm`'s index."""
+    dm.setup()
+    out = {}
+    for unit in dm.index.units(1):
+        rows = dm.index.read(unit)
+        for r in range(len(rows)):
+            out[int(rows.user_idx[r])] = rows.row(r)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_processed(tmp_path_factory.mktemp("data") / "tiny")

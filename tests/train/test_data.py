@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from sinkrec.data import SeqRecDataModule, ShardError
 from sinkrec.data.stream import EpochSampler, StageStream, identity, stage_examples
-from tests.train.conftest import make_processed
+from tests.train.conftest import make_processed, stored_rows
 
 
 def _users(loader) -> tuple[list[int], int]:
@@ -24,14 +24,7 @@ def _users(loader) -> tuple[list[int], int]:
 
 def _all_rows(dm: SeqRecDataModule) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """user_idx -> (items, ts), read unit by unit."""
-    dm.setup()
-    out = {}
-    for unit in dm.index.units(1):
-        rows = dm.index.read(unit)
-        for r in range(len(rows)):
-            items, ts, _ = rows.row(r)
-            out[int(rows.user_idx[r])] = (items, ts)
-    return out
+    return {u: (items, ts) for u, (items, ts, _) in stored_rows(dm).items()}
 
 
 def _manifest_edit(root, fn) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 
 from sinkrec.data import SeqRecDataModule
 from sinkrec.data.collate import shuffle_ties
-from tests.train.conftest import make_processed
+from tests.train.conftest import make_processed, stored_rows
 
 
 def _runs(ts: np.ndarray, end: int) -> list[tuple[int, int]]:
@@ -76,13 +76,8 @@ def test_each_users_events_before_end_are_a_permutation_within_each_second(tmp_p
     timestamp, exactly the stored events of that timestamp, with their kind."""
     root = make_processed(tmp_path / "d", ts_step=2, kind=True, max_len=40)
     dm = SeqRecDataModule(str(root), max_len=64, batch_size=8, shuffle_ties=True)
-    dm.setup()
-    stored = {}
-    for unit in dm.index.units(1):
-        rows = dm.index.read(unit)
-        for r in range(len(rows)):
-            items, ts, side = rows.row(r)
-            stored[int(rows.user_idx[r])] = (items.astype(np.int64), ts, side["kind"].astype(np.int64))
+    stored = {u: (items.astype(np.int64), ts, side["kind"].astype(np.int64))
+              for u, (items, ts, side) in stored_rows(dm).items()}
     checked = 0
     for batch in _read(dm, "train"):
         for r in np.flatnonzero(batch["real_row"].numpy()):
