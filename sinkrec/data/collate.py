@@ -68,11 +68,10 @@ def shuffle_ties(
     stops the model from fitting that artefact."""
     items = items.copy()
     kind = None if kind is None else kind.copy()
-    t = ts[:end]
-    if end < 2 or not (t[1:] == t[:-1]).any():
+    same = ts[1:end] == ts[: max(end - 1, 0)]  # event i + 1 shares event i's timestamp
+    if not same.any():
         return items, kind
-    new_run = np.r_[True, t[1:] != t[:-1]]
-    run_id = np.cumsum(new_run) - 1  # 0, 0, 1, 2, 2, 2, ...: runs keep their order, members are keyed at random
+    run_id = np.r_[0, np.cumsum(~same)]  # 0, 0, 1, 2, 2, 2, ...: runs keep their order, members are keyed at random
     perm = np.argsort(run_id + rng.random(end), kind="stable")
     items[:end] = items[:end][perm]
     if kind is not None:
