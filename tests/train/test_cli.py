@@ -224,7 +224,7 @@ def test_study_analysis_recomputes_the_trainers_test_metrics(trained, tiny_kind_
     ("ml1m_sinkrec", {"arch": "sinkrec", "d_model": 128, "n_heads": 2, "n_loops": 1, "n_codes": 128, "lr": 0.002,
                       "max_epochs": 30, "patience": 6}),
     ("ml1m_gdn", {"arch": "gdn", "n_heads": 2, "n_loops": 1, "lr": 0.002, "max_epochs": 30, "patience": 6}),
-    ("ml1m_sasrec", {"arch": "sasrec", "n_heads": 1, "lr": 0.001, "max_epochs": 60, "patience": 10}),
+    ("ml1m_sasrec", {"arch": "sasrec", "d_model": 128, "n_heads": 1, "lr": 0.001, "max_epochs": 40, "patience": 10}),
     ("ml1m_elastic", {"arch": "elastic", "n_heads": 2, "n_mem_keys": 128, "lr": 0.002, "max_epochs": 30,
                       "patience": 6}),
 ])
