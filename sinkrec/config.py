@@ -40,6 +40,9 @@ class SinkRecConfig:
     # init). The spec's rho is a function of the position's own key and memory key, which cannot tell
     # a repeat from a first occurrence (docs/MODEL.md). Whole sequences only (no windows / streaming)
     repeat_gate: bool = False
+    # b_rho at init (per head): rho = sigmoid(s_rho <k, km> + b_rho) starts near sigmoid(b_rho). -2 (rho ~ .12)
+    # starts the memory shut; 0 starts it half open, so the task loss decides whether to close it
+    rho_bias_init: float = -2.0
     ema_decay: float = 0.99  # EMA decay of the codebook statistics
     time_scale: float = 3600.0  # seconds; phi = log1p(dt / time_scale)
     conv_size: int = 4  # short causal conv kernel (q/k/v) and local-pattern window of the memory

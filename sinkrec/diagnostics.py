@@ -19,6 +19,13 @@ else positions whose item recurs >= m times in the sequence):
     write share       the repeated events' share of the total write strength beta~ (purified), over
                       their share of the events: 1 = written like any event, < 1 = the memory keeps
                       them out of the state (SinkRec's purified write), > 1 = written more
+SinkRec only (memory), "does the differential read remove the right direction?":
+    memory-key alignment  mean over real t of ||P_r km_t||^2 / (r / K), P_r as above (km_t has unit
+                      norm): 1 = km points nowhere in particular, K / r = into the repeats' subspace,
+                      0 = away from it. The differential read subtracts S's response to km.
+    read removal      at the last real position (the read-out that scores the target):
+                      cos(q_T S_T, v_R) - cos((q_T - lam_T km_T) S_T, v_R), v_R the repeated events'
+                      mean value: > 0 = subtracting lam km moves the read-out away from the repeats
 Functions take one layer's tensors for a batch and return per-(sequence, head) values.
 """
 from __future__ import annotations
@@ -73,6 +80,39 @@ def excess_occupancy(S: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, items:
     return out
 
 
+def memory_key_alignment(km: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, items: torch.Tensor,
+                         mask: torch.Tensor, rank: int = OCCUPANCY_RANK) -> torch.Tensor:
+    """km, k [B, T, H, K] (unit memory keys, keys), rep, mask [B, T] bool, items [B, T] -> [B, H]: the
+    memory keys' mean energy in the repeated items' top-r key subspace over r / K (module doc; NaN
+    where a row has no repeated position)."""
+    B, T, H, K = k.shape
+    out = torch.full((B, H), float("nan"), device=k.device)
+    for b in range(B):
+        if not rep[b].any():
+            continue
+        for h in range(H):
+            basis = repeat_basis(k[b, rep[b], h].float(), items[b, rep[b]], rank)  # [r, K]
+            energy = (km[b, mask[b], h].float() @ basis.T).pow(2).sum(-1)  # [n real]
+            out[b, h] = energy.mean() / (basis.shape[0] / K)
+    return out
+
+
+def read_removal(S: torch.Tensor, q: torch.Tensor, q_read: torch.Tensor, v: torch.Tensor, rep: torch.Tensor,
+                 mask: torch.Tensor) -> torch.Tensor:
+    """S [B, H, K, V] final states, q / q_read [B, T, H, K] (the query before / after the differential
+    read's subtraction), v [B, T, H, V], rep, mask [B, T] -> [B, H]: cos(q_T S_T, v_R) minus
+    cos(q~_T S_T, v_R) at each row's last real position (module doc; NaN without repeats)."""
+    B, T = mask.shape
+    last = (mask * torch.arange(1, T + 1, device=mask.device)).argmax(1)  # [B] the last real position
+    rows = torch.arange(B, device=mask.device)
+    w = rep[..., None, None].float()
+    v_rep = (v.float() * w).sum(1) / w.sum(1).clamp_min(1)  # [B, H, V]
+    cos = lambda qq: torch.nn.functional.cosine_similarity(  # noqa: E731  read-out q S: [B, H, V]
+        torch.einsum("bhk,bhkv->bhv", qq[rows, last].float(), S.float()), v_rep, dim=-1, eps=1e-8)
+    out = cos(q) - cos(q_read)
+    return torch.where(rep.any(1)[:, None], out, torch.full_like(out, float("nan")))
+
+
 def effective_rank(S: torch.Tensor) -> torch.Tensor:
     """S [B, H, K, V] -> exp(entropy of normalised singular values) [B, H], in [1, min(K, V)]."""
     s = torch.linalg.svdvals(S.float())  # [B, H, min(K, V)]
@@ -106,7 +146,8 @@ def per_user(states: list[dict], items: torch.Tensor, rep: torch.Tensor,
              rank: int = OCCUPANCY_RANK) -> dict[str, torch.Tensor]:
     """Each measure per sequence [B], averaged over the (loop, block) passes and heads; `rep` [B, T]
     marks the repeated positions. Also the excess occupancy of the other events' items (the control),
-    and rho (memory coverage) on repeated vs other real events."""
+    rho (memory coverage) on repeated vs other real events, and, where the pass has a memory, the
+    memory-key alignment (with its control over the other events' items) and the read removal."""
     mask = items != 0
     other = mask & ~rep
     per: dict[str, list[torch.Tensor]] = {n: [] for n in
@@ -124,6 +165,13 @@ def per_user(states: list[dict], items: torch.Tensor, rep: torch.Tensor,
         rho = rec["rho"].float().mean(-1)  # [B, T], mean over heads
         per["rho_repeated"].append((rho * rep).sum(1) / rep.sum(1).clamp_min(1))
         per["rho_other"].append((rho * other).sum(1) / other.sum(1).clamp_min(1))
+        if rec.get("km") is not None:  # SinkRec: what the differential read subtracts
+            per.setdefault("km_alignment", []).append(
+                memory_key_alignment(rec["km"], rec["k"], rep, items, mask, rank).mean(1))
+            per.setdefault("km_alignment_other", []).append(
+                memory_key_alignment(rec["km"], rec["k"], other, items, mask, rank).mean(1))
+            per.setdefault("read_removal", []).append(
+                read_removal(rec["S"], rec["q"], rec["q_read"], rec["v"], rep, mask).mean(1))
     return {n: torch.stack(v).mean(0) for n, v in per.items()}
 
 

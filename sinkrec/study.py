@@ -58,6 +58,7 @@ import numpy as np
 CONFIG = Path("conf/train/sinkbench_study.yaml")
 EXPERIMENT = "sinkbench-study"  # the MLflow experiment of every study run (datasets differ per ratio)
 ANALYSIS_KEYS = {"excess_occupancy", "excess_occupancy_other"}  # a stored summary without these is re-analysed
+MEMORY_KEYS = {"km_alignment", "read_removal"}  # ... and, for a run with SinkRec's memory, without these
 WINDOW = 64  # "recent window" of the sink curve: the last WINDOW events a user read before the target
 BUCKETS = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 1.0001)  # habit share of the recent window
 MIN_BUCKET = 30  # a bucket needs this many dynamic targets to be plotted
@@ -78,6 +79,8 @@ VARIANTS = {
     # ... and is also supervised towards it
     "repeat_gate_sup": ["--model.config.repeat_gate", "true", "--model.config.coverage_weight", "1.0",
                         "--model.config.coverage_target", "items"],
+    # rho starts half open (b_rho = 0 instead of -2): does the task loss keep the purified write or close it?
+    "rho_open": ["--model.config.rho_bias_init", "0.0"],
 }
 SWITCHES = {**ABLATIONS, **VARIANTS}
 LABEL = {"sinkrec": "SinkRec", "gdn": "GDN (= memory off)", "sasrec": "SASRec", "elastic": "ELASTIC",
@@ -85,7 +88,8 @@ LABEL = {"sinkrec": "SinkRec", "gdn": "GDN (= memory off)", "sasrec": "SASRec", 
          **{f"gdn+{a}": f"GDN, {a.replace('_', ' ')}" for a in ABLATIONS},
          "sinkrec+coverage_sup": "SinkRec + coverage supervision",
          "sinkrec+repeat_gate": "SinkRec + repeat gate",
-         "sinkrec+repeat_gate_sup": "SinkRec + repeat gate, supervised"}
+         "sinkrec+repeat_gate_sup": "SinkRec + repeat gate, supervised",
+         "sinkrec+rho_open": "SinkRec, ρ half open at init"}
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,26 @@ def ndcg10(ranks: np.ndarray) -> np.ndarray:
     return np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0)
 
 
+def paired_gain(a: dict[str, np.ndarray], b: dict[str, np.ndarray], kind: int = 0, n_boot: int = 2000,
+                seed: int = 0) -> tuple[float, float, float, int]:
+    """Run a's relative NDCG@10 gain over run b on the test targets of `kind` (0 dynamic, 1 habit), with
+    a 95% paired bootstrap interval: resample those users (each scored by both runs) n_boot times.
+    The interval is the test-set sampling noise of ONE seed's comparison; the spread over seeds adds
+    the training noise. -> (gain, low, high, number of targets)."""
+    ia, ib = np.argsort(a["user_idx"], kind="stable"), np.argsort(b["user_idx"], kind="stable")
+    if not (np.array_equal(a["user_idx"][ia], b["user_idx"][ib]) and np.array_equal(a["kind"][ia], b["kind"][ib])):
+        raise ValueError("paired_gain: the two runs did not score the same test users and targets")
+    m = a["kind"][ia] == kind
+    na, nb = ndcg10(a["rank"][ia][m]), ndcg10(b["rank"][ib][m])
+    if not len(na) or nb.sum() == 0:
+        return float("nan"), float("nan"), float("nan"), int(len(na))
+    idx = np.random.default_rng(seed).integers(0, len(na), (n_boot, len(na)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = na[idx].mean(1) / nb[idx].mean(1) - 1
+    low, high = np.nanpercentile(boot, [2.5, 97.5])
+    return float(na.mean() / nb.mean() - 1), float(low), float(high), int(len(na))
+
+
 def summarise(a: dict[str, np.ndarray]) -> dict[str, float]:
     """One run's numbers from its per-user analysis."""
     nd, hit = ndcg10(a["rank"]), (a["rank"] <= 10).astype(float)
@@ -230,7 +254,7 @@ def summarise(a: dict[str, np.ndarray]) -> dict[str, float]:
         m = a["kind"] == code
         s[f"{name}/ndcg_10"], s[f"{name}/hr_10"], s[f"{name}/count"] = nd[m].mean(), hit[m].mean(), float(m.sum())
     for k in ("excess_occupancy", "excess_occupancy_other", "effective_rank", "write_share", "readout_bias",
-              "rho_repeated", "rho_other", "code_use_l0", "code_use_l1", "code_perplexity_l0", "code_perplexity_l1"):
+              "rho_repeated", "rho_other", "km_alignment", "km_alignment_other", "read_removal", "code_use_l0", "code_use_l1", "code_perplexity_l0", "code_perplexity_l1"):
         if k in a:
             s[k] = float(np.nanmean(a[k]))
     return {k: float(v) for k, v in s.items()}
@@ -260,7 +284,8 @@ def train_and_analyse(g: Grid, run: Run, parent: str, uri: str, work: Path, resu
         row = json.loads(summary_file.read_text())
         if row.get("run_id"):  # nest it under this study's parent run
             MlflowClient(uri).set_tag(row["run_id"], "mlflow.parentRunId", parent)
-        if not row.get("summary") or ANALYSIS_KEYS <= set(row["summary"]) or run.arch in ("sasrec", "elastic"):
+        needed = ANALYSIS_KEYS | (MEMORY_KEYS if run.arch == "sinkrec" else set())
+        if not row.get("summary") or needed <= set(row["summary"]) or run.arch in ("sasrec", "elastic"):
             print(f"[study] {run.tag}: reusing {summary_file}", flush=True)
             return row
         print(f"[study] {run.tag}: re-analysing (the stored analysis predates a measure)", flush=True)
@@ -331,7 +356,9 @@ TABLE = [("ndcg_10", "NDCG@10"), ("hr_10", "HR@10"), ("habit/ndcg_10", "NDCG@10 
          ("dynamic/ndcg_10", "NDCG@10 dynamic"), ("dynamic/hr_10", "HR@10 dynamic"),
          ("excess_occupancy", "excess occ. habit"), ("excess_occupancy_other", "excess occ. dynamic (control)"),
          ("write_share", "write share"),
-         ("rho_repeated", "ρ habit"), ("rho_other", "ρ dynamic"), ("code_use_l0", "codes used (level 0)"),
+         ("rho_repeated", "ρ habit"), ("rho_other", "ρ dynamic"),
+         ("km_alignment", "memory key in habit subspace"), ("km_alignment_other", "memory key in dynamic subspace"),
+         ("read_removal", "diff read: habit cos removed"), ("code_use_l0", "codes used (level 0)"),
          ("code_perplexity_l0", "code perplexity / n_codes (level 0)")]
 
 
@@ -465,9 +492,10 @@ def curve_table(g: Grid, analyses: dict, value: str, dyn: bool, archs) -> list[s
     return lines
 
 
-def verdict(g: Grid, groups: dict, model: str = "sinkrec") -> list[str]:
+def verdict(g: Grid, groups: dict, model: str = "sinkrec", analyses: dict | None = None) -> list[str]:
     """The issue's target for `model` vs GDN at the highest ratio: >= +10% NDCG@10 on dynamic targets
-    on average, better on every seed, and lower excess occupancy."""
+    on average, better on every seed, and lower excess occupancy. With `analyses` (tag -> per-user
+    analysis), also each seed's paired bootstrap interval of the gain (paired_gain)."""
     top = max(g.ratios)
     name = LABEL.get(model, model)
     s = {r["seed"]: r["summary"]["dynamic/ndcg_10"] for r in groups.get((top, model), [])}
@@ -480,11 +508,26 @@ def verdict(g: Grid, groups: dict, model: str = "sinkrec") -> list[str]:
     occ_g = [r["summary"].get("excess_occupancy", float("nan")) for r in groups[(top, "gdn")]]
     m, sd = mean_std(gains)
     met = m >= 0.10 and min(gains) > 0 and mean_std(occ_s)[0] < mean_std(occ_g)[0]
+    ci_line = []
+    for kind, what in ((0, "dynamic"), (1, "habit")):
+        ci, n = [], 0
+        for k in seeds if analyses else ():
+            ta, tb = Run(top, model, k).tag, Run(top, "gdn", k).tag
+            if ta in analyses and tb in analyses:
+                gain, lo, hi, n = paired_gain(analyses[ta], analyses[tb], kind)
+                ci.append(f"seed {k} {gain:+.1%} [{lo:+.1%}, {hi:+.1%}]")
+        if ci:
+            ci_line.append(f"- {what} targets (95% paired bootstrap over the {n} {what} test users, 2,000 "
+                           f"resamples): {'; '.join(ci)}")
+    if ci_line:
+        ci_line = ["", "Each seed's gain with its test-set noise (a seed whose interval holds 0 is not a "
+                   "difference this test set can see; the spread over seeds adds the training noise):",
+                   *ci_line]
     return [f"At repeat ratio {top}: {name} vs GDN, NDCG@10 on dynamic targets, relative gain per seed "
             f"{', '.join(f'{x:+.1%}' for x in gains)} (mean {m:+.1%}" + (f" ± {sd:.1%}" if math.isfinite(sd) else "")
             + f"); excess occupancy {name} {fmt(occ_s, 3)} vs GDN {fmt(occ_g, 3)}.",
             (f"Target (≥ +10% on dynamic targets, every seed better, lower excess occupancy): "
-            f"**{'met' if met else 'not met'}**.")]
+            f"**{'met' if met else 'not met'}**."), *ci_line]
 
 
 def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, parent: str, uri: str,
@@ -517,12 +560,16 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         ("- excess occupancy: energy of the final state in the top-4 subspace of the habit items' mean keys,"
         " over the 4/32 a random subspace holds (docs/MODEL.md); 1 = no sink. write share: habit events'"
         " share of the write strength over their share of events. ρ: memory coverage (0 without memory)."),
+        ("- what the differential read subtracts (SinkRec): memory key in habit subspace = the memory keys' energy"
+        " in that top-4 subspace over 4/32 (1 = no preference, 8 = inside it; the dynamic items' subspace as"
+        " control); habit cos removed = cos(read-out, habit items' mean value) without minus with the"
+        " subtraction, at the position that scores the target (> 0: the read moves away from the habits)."),
         "",
         *( [f"**Failed runs:** {', '.join(failed)}", ""] if failed else []),
         *( [f"**Analysis disagrees with the trainer's test metric:** {', '.join(inconsistent)}", ""]
            if inconsistent else ["Every run's recomputed test NDCG@10 equals the trainer's own (|Δ| < 1e-6).", ""]),
-        "## Verdict", "", *verdict(g, groups), "",
-        *(line for v in g.variants for line in ("", *verdict(g, groups, f"sinkrec+{v}"))), "",
+        "## Verdict", "", *verdict(g, groups, analyses=analyses), "",
+        *(line for v in g.variants for line in ("", *verdict(g, groups, f"sinkrec+{v}", analyses))), "",
         "## Grid (mean ± sample std over seeds)", "", *results_table(groups, main_keys), "",
         f"## Ablations at repeat ratio {top}", "",
         "`memory: off` is the GDN row: `arch: gdn` builds SinkRec with `memory=False` (the same code path).",

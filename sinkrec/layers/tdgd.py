@@ -53,9 +53,10 @@ class TDGD(nn.Module):
         if self.memory:
             self.w_mkv = nn.Linear(cfg.d_model, H * (K + V), bias=False)  # memory key | memory value
             self.w_l = nn.Linear(cfg.d_model, H, bias=False)  # differential-read weight lam = sigmoid(w_l.u)
-            # rho = sigmoid(4 <k, km> - 2): small unless the key points at the memory key
+            # rho = sigmoid(4 <k, km> + b_rho), b_rho = -2 (rho_bias_init): small unless the key points
+            # at the memory key
             self.s_rho = nn.Parameter(torch.full((H,), 4.0))
-            self.b_rho = nn.Parameter(torch.full((H,), -2.0))
+            self.b_rho = nn.Parameter(torch.full((H,), float(cfg.rho_bias_init)))
             # repeat_gate: rho's pre-activation + REPEAT_SCALE * c_rep * (the item occurred earlier); c_rep = 0
             # is the spec at init. Adam moves a parameter by about lr per step: unscaled, c_rep would need
             # thousands of steps to reach the scale of rho's logits (s_rho = 4)
@@ -129,7 +130,9 @@ class TDGD(nn.Module):
             # rho: memory coverage (zero without memory)
             rho = coverage_rho(k, km, self.s_rho, self.b_rho, rho_bias) if self.memory else \
                 torch.zeros_like(gates.beta)
-            record = {"S": state, "k": k, "v": v, "o": o, "beta": gates.beta, "rho": rho}
+            # q / q_read: the query before / after the differential read's subtraction; km: the memory key
+            record = {"S": state, "k": k, "v": v, "o": o, "beta": gates.beta, "rho": rho, "q": q,
+                      "q_read": gates.q, "km": km}
         return y, record, None if cache is None else {"conv": conv_buf, "S": state}
 
     def init_cache(self, B: int, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:

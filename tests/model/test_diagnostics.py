@@ -10,6 +10,8 @@ from model_testkit import habit_drift_batch, make
 from sinkrec.diagnostics import (
     effective_rank,
     excess_occupancy,
+    memory_key_alignment,
+    read_removal,
     readout_bias,
     repeat_basis,
     repeated_mask,
@@ -122,14 +124,59 @@ def test_readout_bias_is_cosine_with_mean_repeated_value():
     torch.testing.assert_close(bias, torch.tensor([[(1 + 0 + 1 / math.sqrt(2)) / 3]]))
 
 
+def test_memory_key_alignment_known_answers():
+    """Memory keys inside the repeats' key subspace -> K / r, orthogonal -> 0, isotropic -> 1."""
+    K, T, r = 8, 6, 2
+    e = torch.eye(K)
+    items = torch.tensor([[1, 2, 1, 2, 3, 4]])
+    k = torch.stack([e[i - 1] for i in items[0].tolist()])[None, :, None]  # [1, T, 1, K]: item i -> e_{i-1}
+    rep = torch.tensor([[True, True, True, True, False, False]])  # items 1, 2: span{e0, e1}
+    mask = torch.ones(1, T, dtype=torch.bool)
+    inside = (e[0] + e[1]).div(math.sqrt(2)).expand(1, T, 1, K)
+    torch.testing.assert_close(memory_key_alignment(inside, k, rep, items, mask, r), torch.tensor([[K / r]]))
+    outside = e[5].expand(1, T, 1, K)
+    torch.testing.assert_close(memory_key_alignment(outside, k, rep, items, mask, r), torch.zeros(1, 1))
+    torch.manual_seed(0)
+    n = 4000
+    rnd = torch.nn.functional.normalize(torch.randn(1, n, 1, K), dim=-1)
+    wide = memory_key_alignment(rnd, k.repeat(1, n // T + 1, 1, 1)[:, :n], rep.repeat(1, n // T + 1)[:, :n],
+                                items.repeat(1, n // T + 1)[:, :n], torch.ones(1, n, dtype=torch.bool), r)
+    assert abs(wide.item() - 1) < 0.05
+    # pads do not count; a row without repeats is NaN
+    half = mask.clone()
+    half[0, :3] = False
+    mixed = torch.cat([inside[:, :3], outside[:, 3:]], 1)
+    torch.testing.assert_close(memory_key_alignment(mixed, k, rep, items, half, r), torch.zeros(1, 1))
+    assert torch.isnan(memory_key_alignment(inside, k, torch.zeros_like(rep), items, mask, r)).all()
+
+
+def test_read_removal_is_the_cosine_the_subtraction_takes_away():
+    K, V, T = 4, 3, 3
+    S = torch.zeros(1, 1, K, V)
+    S[0, 0, 0] = torch.tensor([1.0, 0.0, 0.0])  # key e0 -> value u0 (the repeats'), key e1 -> u1
+    S[0, 0, 1] = torch.tensor([0.0, 1.0, 0.0])
+    v = torch.zeros(1, T, 1, V)
+    v[0, 0, 0, 0] = 1.0  # the repeated event wrote u0
+    rep = torch.tensor([[True, False, False]])
+    mask = torch.tensor([[True, True, False]])  # last real position: t = 1 (right pad at t = 2)
+    q = torch.zeros(1, T, 1, K)
+    q[0, 1, 0] = torch.tensor([1.0, 1.0, 0.0, 0.0]) / math.sqrt(2)  # reads u0 + u1: cos 1/sqrt 2 with u0
+    q_read = q.clone()
+    q_read[0, 1, 0] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # minus the e0 part: reads u1, cos 0
+    torch.testing.assert_close(read_removal(S, q, q_read, v, rep, mask), torch.tensor([[1 / math.sqrt(2)]]))
+    torch.testing.assert_close(read_removal(S, q, q, v, rep, mask), torch.zeros(1, 1))  # nothing removed
+    assert torch.isnan(read_removal(S, q, q_read, v, torch.zeros_like(rep), mask)).all()
+
+
 def test_sink_diagnostics_per_arch():
     items, ts = habit_drift_batch(B=4, T=30, N=40)
     for arch in ("sinkrec", "gdn"):
         model = make(arch).train()
         books = [b.memory.codebooks.clone() for b in model.blocks if b.memory is not None]
         d = sink_diagnostics(model, items, ts, min_repeats=3)
+        memory = {"sink/km_alignment", "sink/km_alignment_other", "sink/read_removal"} if arch == "sinkrec" else set()
         assert set(d) == {"sink/excess_occupancy", "sink/excess_occupancy_other", "sink/repeated_share", "sink/effective_rank",
-                          "sink/readout_bias", "sink/write_share", "sink/rho_repeated", "sink/rho_other"}
+                          "sink/readout_bias", "sink/write_share", "sink/rho_repeated", "sink/rho_other", *memory}
         assert all(math.isfinite(x) for x in d.values())
         assert 0 <= d["sink/excess_occupancy"] <= 16 / 4 + 1e-4 and 0 < d["sink/repeated_share"] <= 1
         assert (d["sink/rho_repeated"] == 0) == (arch == "gdn")  # coverage exists only with memory

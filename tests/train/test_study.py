@@ -64,6 +64,33 @@ def test_verdict_needs_ten_percent_on_every_seed_and_lower_occupancy():
     assert "**not met**" in "\n".join(study.verdict(grid, _rows([(0.105, 0.10), (0.105, 0.10)])))  # +5%
 
 
+def _paired(ranks, kinds, order=None):
+    users = np.arange(len(ranks)) if order is None else np.asarray(order)
+    return {"user_idx": users, "rank": np.asarray(ranks, float), "kind": np.asarray(kinds)}
+
+
+def test_paired_gain_interval_brackets_the_gain_and_narrows_with_more_users():
+    rng = np.random.default_rng(0)
+    for n, width_below in ((400, 1.0), (40_000, 0.2)):
+        kinds = rng.integers(0, 2, n)
+        b = rng.integers(1, 30, n)  # GDN-like ranks; a: each target one to three places better, never worse
+        a = np.maximum(1, b - rng.integers(1, 4, n))
+        gain, lo, hi, count = study.paired_gain(_paired(a, kinds), _paired(b, kinds))
+        assert count == (kinds == 0).sum()
+        assert 0 < lo < gain < hi and hi - lo < width_below
+        exact = study.ndcg10(a[kinds == 0]).mean() / study.ndcg10(b[kinds == 0]).mean() - 1
+        assert gain == pytest.approx(exact)
+    # a run against itself: no gain and no noise
+    same = _paired(b, kinds)
+    assert study.paired_gain(same, same)[:3] == (0.0, 0.0, 0.0)
+    # users are paired by id, not by position: the same runs in another row order give the same answer
+    perm = rng.permutation(n)
+    shuffled = _paired(a[perm], kinds[perm], order=perm)
+    assert study.paired_gain(shuffled, _paired(b, kinds))[0] == pytest.approx(gain)
+    with pytest.raises(ValueError, match="same test users"):
+        study.paired_gain(_paired(a[:10], kinds[:10]), _paired(b[:11], kinds[:11]))
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--ratios", "0.7"], "needs --report"),
     (["--seeds", "1", "2", "3"], "needs --report"),  # more seeds than the whole grid's report has
