@@ -85,7 +85,7 @@ def memory_key_alignment(km: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, i
     """km, k [B, T, H, K] (unit memory keys, keys), rep, mask [B, T] bool, items [B, T] -> [B, H]: the
     memory keys' mean energy in the repeated items' top-r key subspace over r / K (module doc; NaN
     where a row has no repeated position)."""
-    B, T, H, K = k.shape
+    B, _, H, K = k.shape
     out = torch.full((B, H), float("nan"), device=k.device)
     for b in range(B):
         if not rep[b].any():
@@ -107,8 +107,11 @@ def read_removal(S: torch.Tensor, q: torch.Tensor, q_read: torch.Tensor, v: torc
     rows = torch.arange(B, device=mask.device)
     w = rep[..., None, None].float()
     v_rep = (v.float() * w).sum(1) / w.sum(1).clamp_min(1)  # [B, H, V]
-    cos = lambda qq: torch.nn.functional.cosine_similarity(  # noqa: E731  read-out q S: [B, H, V]
-        torch.einsum("bhk,bhkv->bhv", qq[rows, last].float(), S.float()), v_rep, dim=-1, eps=1e-8)
+
+    def cos(qq: torch.Tensor) -> torch.Tensor:  # cos(read-out q S [B, H, V], v_R)
+        read = torch.einsum("bhk,bhkv->bhv", qq[rows, last].float(), S.float())
+        return torch.nn.functional.cosine_similarity(read, v_rep, dim=-1, eps=1e-8)
+
     out = cos(q) - cos(q_read)
     return torch.where(rep.any(1)[:, None], out, torch.full_like(out, float("nan")))
 

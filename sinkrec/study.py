@@ -238,12 +238,12 @@ def paired_gain(a: dict[str, np.ndarray], b: dict[str, np.ndarray], kind: int = 
     m = a["kind"][ia] == kind
     na, nb = ndcg10(a["rank"][ia][m]), ndcg10(b["rank"][ib][m])
     if not len(na) or nb.sum() == 0:
-        return float("nan"), float("nan"), float("nan"), int(len(na))
+        return float("nan"), float("nan"), float("nan"), len(na)
     idx = np.random.default_rng(seed).integers(0, len(na), (n_boot, len(na)))
     with np.errstate(divide="ignore", invalid="ignore"):
         boot = na[idx].mean(1) / nb[idx].mean(1) - 1
     low, high = np.nanpercentile(boot, [2.5, 97.5])
-    return float(na.mean() / nb.mean() - 1), float(low), float(high), int(len(na))
+    return float(na.mean() / nb.mean() - 1), float(low), float(high), len(na)
 
 
 def summarise(a: dict[str, np.ndarray]) -> dict[str, float]:
@@ -520,8 +520,8 @@ def verdict(g: Grid, groups: dict, model: str = "sinkrec", analyses: dict | None
             ci_line.append(f"- {what} targets (95% paired bootstrap over the {n} {what} test users, 2,000 "
                            f"resamples): {'; '.join(ci)}")
     if ci_line:
-        ci_line = ["", "Each seed's gain with its test-set noise (a seed whose interval holds 0 is not a "
-                   "difference this test set can see; the spread over seeds adds the training noise):",
+        ci_line = ["", ("Each seed's gain with its test-set noise (a seed whose interval holds 0 is not a "
+                        "difference these test users can show; the spread over seeds adds the training noise):"),
                    *ci_line]
     return [f"At repeat ratio {top}: {name} vs GDN, NDCG@10 on dynamic targets, relative gain per seed "
             f"{', '.join(f'{x:+.1%}' for x in gains)} (mean {m:+.1%}" + (f" ± {sd:.1%}" if math.isfinite(sd) else "")
@@ -530,13 +530,61 @@ def verdict(g: Grid, groups: dict, model: str = "sinkrec", analyses: dict | None
             f"**{'met' if met else 'not met'}**."), *ci_line]
 
 
+def heldout_analyses(g: Grid, rows: list[dict], work: Path, users: int) -> dict[str, dict[str, np.ndarray]]:
+    """tag -> the per-user analysis of the run's best checkpoint on `users` held-out SinkBench users
+    (sinkrec.heldout), for every run at the highest ratio; cached as <work>/<tag>/heldout<users>.npz."""
+    from sinkrec import heldout
+
+    top, out, seqs = max(g.ratios), {}, None
+    for r in rows:
+        if not r.get("summary") or r["ratio"] != top:
+            continue
+        cache = work / r["tag"] / f"heldout{users}.npz"
+        if not cache.exists():
+            if seqs is None:
+                root = dataset_root(g, top)
+                raw = heldout.heldout_log(root, Path("data/raw") / f"{root.name}-heldout{users}" / "events.parquet",
+                                          users, g.items, top)
+                seqs = heldout.load_sequences(raw, root)
+            t0 = time.perf_counter()
+            final = json.loads((work / r["tag"] / "metrics_test.json").read_text())
+            np.savez_compressed(cache, **heldout.score(final["best_checkpoint"], seqs, g.max_len))
+            print(f"[study] {r['tag']}: scored {users} held-out users ({time.perf_counter() - t0:.0f} s)", flush=True)
+        out[r["tag"]] = dict(np.load(cache))
+    return out
+
+
+def heldout_section(g: Grid, rows: list[dict], heldout: dict, users: int) -> list[str]:
+    """The verdict and the table again, on the held-out users (the occupancy columns stay the test split's)."""
+    if not heldout:
+        return []
+    from sinkrec.heldout import HELDOUT_SEED
+
+    top = max(g.ratios)
+    pseudo = [{**r, "summary": {**{k: v for k, v in r["summary"].items() if k not in ("ndcg_10", "hr_10")
+                                   and not k.startswith(("habit/", "dynamic/"))}, **summarise(heldout[r["tag"]])}}
+              for r in rows if r["tag"] in heldout]
+    groups = group(pseudo)
+    n = {k: int(v) for k, v in summarise(next(iter(heldout.values()))).items() if k.endswith("/count")}
+    return [f"## Held-out users (repeat ratio {top})", "",
+            (f"The best checkpoint of every run at ratio {top}, scored on {users:,} users it never saw: "
+             f"`pipeline.synth --users {users} --items {g.items} --seed {HELDOUT_SEED} --repeat-ratio {top}`, "
+             "items mapped through the training vocabulary (`sinkrec/heldout.py`); nothing is trained or "
+             f"selected on them. {n.get('dynamic/count', 0):,} dynamic and {n.get('habit/count', 0):,} habit "
+             "targets, against the test split's one per user. Excess occupancy below is the test split's."), "",
+            *verdict(g, groups, analyses=heldout), "",
+            *(line for v in g.variants for line in ("", *verdict(g, groups, f"sinkrec+{v}", heldout))), "",
+            *results_table(groups, [(top, "sinkrec"), (top, "gdn"), *((top, m) for m in top_models(g))]), ""]
+
+
 def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, parent: str, uri: str,
-           wall: float) -> str:
+           wall: float, heldout_users: int = 0) -> str:
     from sinkrec.hardware import machine
 
     groups = group(rows)
     figdir = path.parent / ("study" if path.name == "STUDY.md" else f"{path.stem}-figures")
     analyses = load_analyses(rows, work)
+    heldout = heldout_analyses(g, rows, work, heldout_users) if heldout_users else {}
     files = plots(g, rows, analyses, figdir)
     main_keys = [(x, a) for x in g.ratios for a in g.archs]
     top = max(g.ratios)
@@ -579,6 +627,7 @@ def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, pare
         "learned by the task loss alone or also supervised towards item recurrence (`, supervised`:",
         "`--model.config.coverage_weight 1.0 --model.config.coverage_target items`).", "",
         *results_table(groups, abl_keys), "",
+        *heldout_section(g, rows, heldout, heldout_users),
         "## Figures", "",
         *(f"![{f.stem}]({rel(f)})" for f in files), "",
         f"### The sink curve: NDCG@10 on dynamic targets by habit share of the last {WINDOW} events", "",
@@ -697,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="*", default=None, choices=tuple(VARIANTS), help="at the highest ratio")
     p.add_argument("--ablate-archs", dest="ablated", nargs="+", default=None, choices=("sinkrec", "gdn"),
                    help="run the ablations for these archs (default sinkrec; gdn: e.g. GDN with one loop)")
+    p.add_argument("--heldout-users", type=int, default=0,
+                   help="also score each run at the highest ratio on this many new SinkBench users "
+                        "(sinkrec/heldout.py; ~2 min per run at 20000 on one thread); 0 = off")
     p.add_argument("--part", default=None, help="i/n: train every n-th run from the i-th; no report")
     p.add_argument("--jobs", type=int, default=1,
                    help="train in this many processes at once (each a --part, with cpu_count / jobs torch "
@@ -759,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
                   "with --resume for the report", flush=True)
             return 0 if all(r.get("summary") for r in rows) else 1
         best_epochs(rows, uri)
-        text = report(g, rows, work, path, command, parent.info.run_id, uri, time.perf_counter() - t0)
+        text = report(g, rows, work, path, command, parent.info.run_id, uri, time.perf_counter() - t0,
+                      args.heldout_users)
     print(text)
     print(f"[study] wrote {path}")
     return 0 if all(r.get("summary") for r in rows) else 1
