@@ -532,7 +532,8 @@ def verdict(g: Grid, groups: dict, model: str = "sinkrec", analyses: dict | None
 
 def heldout_analyses(g: Grid, rows: list[dict], work: Path, users: int) -> dict[str, dict[str, np.ndarray]]:
     """tag -> the per-user analysis of the run's best checkpoint on `users` held-out SinkBench users
-    (sinkrec.heldout), for every run at the highest ratio; cached as <work>/<tag>/heldout<users>.npz."""
+    (sinkrec.heldout), for every run at the highest ratio; cached as <work>/<tag>/heldout<users>.npz,
+    which records the checkpoint it scored (path, size, mtime): a retrained run is scored again."""
     from sinkrec import heldout
 
     top, out, seqs = max(g.ratios), {}, None
@@ -540,17 +541,19 @@ def heldout_analyses(g: Grid, rows: list[dict], work: Path, users: int) -> dict[
         if not r.get("summary") or r["ratio"] != top:
             continue
         cache = work / r["tag"] / f"heldout{users}.npz"
-        if not cache.exists():
+        ckpt = json.loads((work / r["tag"] / "metrics_test.json").read_text())["best_checkpoint"]
+        st = os.stat(ckpt)
+        stamp = f"{ckpt}|{st.st_size}|{st.st_mtime_ns}"
+        if not cache.exists() or str(np.load(cache).get("checkpoint", "")) != stamp:
             if seqs is None:
                 root = dataset_root(g, top)
                 raw = heldout.heldout_log(root, Path("data/raw") / f"{root.name}-heldout{users}" / "events.parquet",
                                           users, g.items, top)
                 seqs = heldout.load_sequences(raw, root)
             t0 = time.perf_counter()
-            final = json.loads((work / r["tag"] / "metrics_test.json").read_text())
-            np.savez_compressed(cache, **heldout.score(final["best_checkpoint"], seqs, g.max_len))
+            np.savez_compressed(cache, checkpoint=np.array(stamp), **heldout.score(ckpt, seqs, g.max_len))
             print(f"[study] {r['tag']}: scored {users} held-out users ({time.perf_counter() - t0:.0f} s)", flush=True)
-        out[r["tag"]] = dict(np.load(cache))
+        out[r["tag"]] = {k: v for k, v in np.load(cache).items() if k != "checkpoint"}
     return out
 
 
@@ -746,9 +749,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="*", default=None, choices=tuple(VARIANTS), help="at the highest ratio")
     p.add_argument("--ablate-archs", dest="ablated", nargs="+", default=None, choices=("sinkrec", "gdn"),
                    help="run the ablations for these archs (default sinkrec; gdn: e.g. GDN with one loop)")
-    p.add_argument("--heldout-users", type=int, default=0,
+    p.add_argument("--heldout-users", type=int, default=None,
                    help="also score each run at the highest ratio on this many new SinkBench users "
-                        "(sinkrec/heldout.py; ~2 min per run at 20000 on one thread); 0 = off")
+                        "(sinkrec/heldout.py; ~2 min per run at 20000 on one thread); 0 = off (the default; "
+                        "--quick: 300)")
     p.add_argument("--part", default=None, help="i/n: train every n-th run from the i-th; no report")
     p.add_argument("--jobs", type=int, default=1,
                    help="train in this many processes at once (each a --part, with cpu_count / jobs torch "
@@ -757,6 +761,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1 or (args.jobs > 1 and args.part is not None):
         p.error(f"--jobs {args.jobs}: expected >= 1, and not together with --part (--jobs starts the parts)")
     g = QUICK if args.quick else FULL
+    if args.heldout_users is None:
+        args.heldout_users = 300 if args.quick else 0
+    if args.heldout_users < 0:
+        p.error(f"--heldout-users {args.heldout_users}: expected >= 0")
     subset: dict = {k: tuple(v) for k in ("ratios", "seeds", "archs", "ablations", "variants", "ablated")
                     if (v := getattr(args, k)) is not None}
     if args.epochs is not None:

@@ -158,3 +158,36 @@ def test_jobs_and_part_together_are_refused(capsys):
     with pytest.raises(SystemExit):
         study.main(["--jobs", "2", "--part", "0/2"])
     assert "not together with --part" in capsys.readouterr().err
+
+
+def test_heldout_scores_are_cached_per_checkpoint_and_redone_for_a_retrained_run(tmp_path, monkeypatch):
+    import os
+
+    from sinkrec import heldout
+
+    calls = []
+    monkeypatch.setattr(heldout, "heldout_log", lambda root, out, *a, **k: out)
+    monkeypatch.setattr(heldout, "load_sequences", lambda raw, root: ["seqs"])
+
+    def score(ckpt, seqs, max_len):
+        calls.append(ckpt)
+        return {"user_idx": np.arange(3), "rank": np.array([1, 2, 50]), "kind": np.array([0, 1, 0]),
+                "recent_habit_share": np.zeros(3)}
+
+    monkeypatch.setattr(heldout, "score", score)
+    g = study.QUICK
+    run = study.Run(max(g.ratios), "gdn", 1)
+    (tmp_path / run.tag).mkdir()
+    ckpt = tmp_path / run.tag / "best.ckpt"
+    ckpt.write_bytes(b"weights")
+    (tmp_path / run.tag / "metrics_test.json").write_text(json.dumps({"best_checkpoint": str(ckpt)}))
+    rows = [{"tag": run.tag, "ratio": run.ratio, "summary": {"ndcg_10": 0.1}},
+            {"tag": "other-ratio", "ratio": min(g.ratios), "summary": {"ndcg_10": 0.1}}]  # not scored
+    first = study.heldout_analyses(g, rows, tmp_path, 300)
+    assert set(first) == {run.tag} and list(first[run.tag]["rank"]) == [1, 2, 50] and len(calls) == 1
+    study.heldout_analyses(g, rows, tmp_path, 300)
+    assert len(calls) == 1  # cached
+    ckpt.write_bytes(b"retrained weights")
+    os.utime(ckpt, ns=(0, 10**9))
+    study.heldout_analyses(g, rows, tmp_path, 300)
+    assert len(calls) == 2  # another checkpoint: scored again
