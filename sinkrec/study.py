@@ -577,7 +577,9 @@ def heldout_section(g: Grid, rows: list[dict], heldout: dict, users: int) -> lis
              "targets, against the test split's one per user. Excess occupancy below is the test split's."), "",
             *verdict(g, groups, analyses=heldout), "",
             *(line for v in g.variants for line in ("", *verdict(g, groups, f"sinkrec+{v}", heldout))), "",
-            *results_table(groups, [(top, "sinkrec"), (top, "gdn"), *((top, m) for m in top_models(g))]), ""]
+            *results_table(groups, [(top, "sinkrec"), (top, "gdn"), *((top, a) for a in g.archs if a not in
+                                                                      ("sinkrec", "gdn")),
+                                    *((top, m) for m in top_models(g))]), ""]
 
 
 def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, parent: str, uri: str,
