@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from sinkrec.modules import ShortConv
 from sinkrec.ops import short_conv
-from sinkrec.ops.short_conv import channels_last, short_conv_reference
+from sinkrec.ops.short_conv import channels_last, cpp_available, resolve_conv_backend, short_conv_reference
+
+needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ short conv does not build here (no compiler)")
 
 
 def _by_definition(x, weight, activation):
@@ -70,7 +72,40 @@ def test_channels_last_bf16_close_to_float32():
     torch.testing.assert_close(got.float(), short_conv_reference(x, w, "silu"), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("backend", ["reference", "channels_last"])
+@needs_cpp
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("T", [0, 1, 3, 4, 7, 33, 130])  # 130: three of the backward's 64-row time blocks
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_cpp_equals_reference_values_and_grads(T, activation, W):
+    torch.manual_seed(T)
+    B, C = 3, 21  # C not a multiple of any vector width
+    base = (2 * torch.randn(B, T, C + 3)).requires_grad_()
+    x = base[..., 1 : C + 1]  # strided
+    weight = torch.randn(C, 1, W, requires_grad=True)
+    want = short_conv_reference(x.double(), weight.double(), activation)
+    got = short_conv(x, weight, activation, backend="cpp")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (base, weight), g),
+                    torch.autograd.grad(want, (base, weight), g.double())):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-5)
+
+
+@needs_cpp
+def test_cpp_weight_grad_only_for_a_detached_input_and_auto_picks_it():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 9, 4), torch.randn(4, 1, 3, requires_grad=True)
+    got = torch.autograd.grad(short_conv(x, w, backend="cpp").square().sum(), w)[0]
+    want = torch.autograd.grad(short_conv_reference(x, w).square().sum(), w)[0]
+    torch.testing.assert_close(got, want)
+    assert resolve_conv_backend("auto", x) == "cpp"
+    assert resolve_conv_backend("auto", x.double()) == "channels_last"  # float32 only
+    with pytest.raises(ValueError, match="conv_backend='cpp' runs float32 CPU tensors"):
+        short_conv(x.double(), w.double(), backend="cpp")
+
+
+@pytest.mark.parametrize("backend", ["reference", "channels_last", pytest.param("cpp", marks=needs_cpp)])
 def test_module_buffer_and_packed_equal_one_reference_pass(backend):
     torch.manual_seed(0)
     conv = ShortConv(6, kernel_size=4, activation="silu", backend=backend)
