@@ -61,6 +61,15 @@ def repeat_basis(keys: torch.Tensor, items: torch.Tensor, rank: int, rel_tol: fl
     return vh[:keep]
 
 
+def _repeat_bases(k: torch.Tensor, rep: torch.Tensor, items: torch.Tensor, rank: int):
+    """(b, h, basis [r, K]) for every (row, head) of k [B, T, H, K] whose row has a repeated position:
+    the repeat_basis of that row's repeated keys."""
+    for b in range(k.shape[0]):
+        if rep[b].any():
+            for h in range(k.shape[2]):
+                yield b, h, repeat_basis(k[b, rep[b], h].float(), items[b, rep[b]], rank)
+
+
 def excess_occupancy(S: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, items: torch.Tensor,
                      rank: int = OCCUPANCY_RANK) -> torch.Tensor:
     """S [B, H, K, V], k [B, T, H, K], rep [B, T] bool, items [B, T] -> X_r [B, H] (module doc;
@@ -69,14 +78,10 @@ def excess_occupancy(S: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, items:
     if rank >= K:
         raise ValueError(f"excess_occupancy: rank={rank} must be < K={K} (a full-rank subspace holds everything)")
     out = torch.full((B, H), float("nan"), device=S.device)
-    for b in range(B):
-        if not rep[b].any():
-            continue
-        for h in range(H):
-            basis = repeat_basis(k[b, rep[b], h].float(), items[b, rep[b]], rank)  # [r, K]
-            Sbh = S[b, h].float()
-            share = (basis @ Sbh).pow(2).sum() / Sbh.pow(2).sum().clamp_min(1e-12)
-            out[b, h] = share / (basis.shape[0] / K)
+    for b, h, basis in _repeat_bases(k, rep, items, rank):
+        Sbh = S[b, h].float()
+        share = (basis @ Sbh).pow(2).sum() / Sbh.pow(2).sum().clamp_min(1e-12)
+        out[b, h] = share / (basis.shape[0] / K)
     return out
 
 
@@ -87,13 +92,9 @@ def memory_key_alignment(km: torch.Tensor, k: torch.Tensor, rep: torch.Tensor, i
     where a row has no repeated position)."""
     B, _, H, K = k.shape
     out = torch.full((B, H), float("nan"), device=k.device)
-    for b in range(B):
-        if not rep[b].any():
-            continue
-        for h in range(H):
-            basis = repeat_basis(k[b, rep[b], h].float(), items[b, rep[b]], rank)  # [r, K]
-            energy = (km[b, mask[b], h].float() @ basis.T).pow(2).sum(-1)  # [n real]
-            out[b, h] = energy.mean() / (basis.shape[0] / K)
+    for b, h, basis in _repeat_bases(k, rep, items, rank):
+        energy = (km[b, mask[b], h].float() @ basis.T).pow(2).sum(-1)  # [n real]
+        out[b, h] = energy.mean() / (basis.shape[0] / K)
     return out
 
 

@@ -56,10 +56,11 @@ def test_channels_last_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w: short_conv(x, w, "silu", backend="channels_last"), (x, w))
 
 
-def test_channels_last_weight_grad_only_for_a_detached_input():
+@pytest.mark.parametrize("backend", ["channels_last", pytest.param("cpp", marks=needs_cpp)])
+def test_weight_grad_only_for_a_detached_input(backend):
     torch.manual_seed(0)
     x, w = torch.randn(2, 9, 4), torch.randn(4, 1, 3, requires_grad=True)
-    got = torch.autograd.grad(short_conv(x, w, backend="channels_last").square().sum(), w)[0]
+    got = torch.autograd.grad(short_conv(x, w, backend=backend).square().sum(), w)[0]
     want = torch.autograd.grad(short_conv_reference(x, w).square().sum(), w)[0]
     torch.testing.assert_close(got, want)
 
@@ -93,12 +94,8 @@ def test_cpp_equals_reference_values_and_grads(T, activation, W):
 
 
 @needs_cpp
-def test_cpp_weight_grad_only_for_a_detached_input_and_auto_picks_it():
-    torch.manual_seed(0)
-    x, w = torch.randn(2, 9, 4), torch.randn(4, 1, 3, requires_grad=True)
-    got = torch.autograd.grad(short_conv(x, w, backend="cpp").square().sum(), w)[0]
-    want = torch.autograd.grad(short_conv_reference(x, w).square().sum(), w)[0]
-    torch.testing.assert_close(got, want)
+def test_auto_picks_cpp_for_float32_cpu_only():
+    x, w = torch.randn(2, 9, 4), torch.randn(4, 1, 3)
     assert resolve_conv_backend("auto", x) == "cpp"
     assert resolve_conv_backend("auto", x.double()) == "channels_last"  # float32 only
     with pytest.raises(ValueError, match="conv_backend='cpp' runs float32 CPU tensors"):
