@@ -579,7 +579,10 @@ def heldout_section(g: Grid, rows: list[dict], heldout: dict, users: int) -> lis
             *(line for v in g.variants for line in ("", *verdict(g, groups, f"sinkrec+{v}", heldout))), "",
             *results_table(groups, [(top, "sinkrec"), (top, "gdn"), *((top, a) for a in g.archs if a not in
                                                                       ("sinkrec", "gdn")),
-                                    *((top, m) for m in top_models(g))]), ""]
+                                    *((top, m) for m in top_models(g))]), "",
+            (f"The sink curve on the held-out users: NDCG@10 on dynamic targets by habit share of the last {WINDOW} "
+             "events (mean ± std over seeds; n = dynamic targets in the bucket):"), "",
+            *curve_table(g, heldout, "ndcg_10", True, g.archs), ""]
 
 
 def report(g: Grid, rows: list[dict], work: Path, path: Path, command: str, parent: str, uri: str,
