@@ -26,13 +26,14 @@ import numpy as np
 HELDOUT_SEED = 1_000  # pipeline.synth seed of the held-out users (the study's training data uses seed 0)
 
 
-def heldout_log(data_root: Path, out: Path, users: int, items: int, repeat_ratio: float,
-                seed: int = HELDOUT_SEED) -> Path:
-    """Generate the held-out users' raw SinkBench log at `out` (deterministic; skipped if present)."""
+def heldout_log(data_root: Path, users: int, items: int, repeat_ratio: float, seed: int = HELDOUT_SEED) -> Path:
+    """The held-out users' raw SinkBench log for the data at `data_root`, generated on first use
+    (deterministic) at data/raw/<data_root's name>-heldout<users>-s<seed>/events.parquet."""
     from pipeline.synth import SynthConfig, generate
 
     if seed == 0:
         raise ValueError("heldout_log: seed 0 is the seed of the study's own data; held-out users need another")
+    out = Path("data/raw") / f"{data_root.name}-heldout{users}-s{seed}" / "events.parquet"
     if not out.exists():
         generate(SynthConfig(users=users, items=items, seed=seed, repeat_ratio=repeat_ratio), out,
                  log=lambda message: None)
@@ -63,20 +64,18 @@ def load_sequences(raw: Path, data_root: Path) -> list[tuple[np.ndarray, np.ndar
 
 
 def score(model, seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_len: int,
-          batch_size: int = 256, recent: int = 64) -> dict[str, np.ndarray]:
-    """Per held-out user (`model`: a checkpoint path or a model in eval mode): rank of the target
-    among all items, target kind, and the habit share of the `recent` events before it; user_idx is
-    the position in `seqs`. Same keys as sinkrec.study.analyse's metric columns."""
+          batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per held-out user (`model`: a checkpoint path or a model in eval mode): the columns of
+    sinkrec.study.target_columns (rank of the target among all items, its kind, the habit shares);
+    user_idx is the position in `seqs`."""
     import torch
 
     from sinkrec.data.collate import collate_left_pad, make_example
-    from sinkrec.metrics import target_ranks
+    from sinkrec.study import load_model, target_columns
 
     if isinstance(model, (str, Path)):
-        from sinkrec.study import load_model
-
         model = load_model(str(model))
-    cols: dict[str, list[np.ndarray]] = {"user_idx": [], "rank": [], "kind": [], "recent_habit_share": []}
+    cols: dict[str, list[np.ndarray]] = {}
     with torch.no_grad():
         table = model.item_embeddings()
         for lo in range(0, len(seqs), batch_size):
@@ -84,15 +83,8 @@ def score(model, seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_len:
                                      user_idx=lo + j, real_row=True)
                         for j, (it, ts, kd) in enumerate(seqs[lo:lo + batch_size])]
             batch = collate_left_pad(examples)
-            hidden = model(batch["items"], batch["ts"]).hidden[:, -1]
-            ranks = target_ranks(hidden, table, batch["targets"][:, -1])
-            real = batch["items"] != 0
-            habit = (batch["input_kind"] == 1) & real
-            cols["user_idx"].append(batch["user_idx"].numpy())
-            cols["rank"].append(ranks.numpy())
-            cols["kind"].append(batch["target_kind"][:, -1].numpy())
-            cols["recent_habit_share"].append(
-                (habit[:, -recent:].sum(1) / real[:, -recent:].sum(1).clamp_min(1)).float().numpy())
+            for k, v in target_columns(batch, model(batch["items"], batch["ts"]).hidden, table).items():
+                cols.setdefault(k, []).append(v.float().numpy() if v.is_floating_point() else v.numpy())
     return {k: np.concatenate(v) for k, v in cols.items()}
 
 
@@ -108,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from sinkrec.study import ndcg10
 
-    raw = heldout_log(args.data, Path("data/raw") / f"{args.data.name}-heldout{args.users}-s{args.seed}" / "events.parquet",
-                      args.users, args.items, args.repeat_ratio, args.seed)
+    raw = heldout_log(args.data, args.users, args.items, args.repeat_ratio, args.seed)
     a = score(args.ckpt, load_sequences(raw, args.data), args.max_len)
     nd = ndcg10(a["rank"])
     for name, m in (("all", np.ones(len(nd), bool)), ("habit", a["kind"] == 1), ("dynamic", a["kind"] == 0)):

@@ -177,13 +177,27 @@ def load_model(ckpt: str):
     return SeqRecModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).model.eval()
 
 
+def target_columns(batch: dict, hidden, table) -> dict:
+    """One left-padded batch's per-user columns (tensors): the rank of its one target (the last
+    position, leave-one-out), the target's kind, and the habit share of the last WINDOW inputs and of
+    all of them. `hidden` [B, T, D] is the model's output, `table` its item embeddings. Shared by
+    the test split's analysis and the held-out users' scoring (sinkrec.heldout)."""
+    from sinkrec.metrics import target_ranks
+
+    real = batch["items"] != 0
+    habit = (batch["input_kind"] == 1) & real
+    recent = real[:, -WINDOW:].sum(1).clamp_min(1)
+    return {"user_idx": batch["user_idx"], "rank": target_ranks(hidden[:, -1], table, batch["targets"][:, -1]),
+            "kind": batch["target_kind"][:, -1], "recent_habit_share": habit[:, -WINDOW:].sum(1) / recent,
+            "habit_share": habit.sum(1) / real.sum(1).clamp_min(1)}
+
+
 def analyse(ckpt: str, root: Path, max_len: int, batch_size: int = 128) -> dict[str, np.ndarray]:
     """Per test user of `root`: rank, target kind, recent habit share and the sink measures."""
     import torch
 
     from sinkrec.data import SeqRecDataModule
     from sinkrec.diagnostics import per_user
-    from sinkrec.metrics import target_ranks
 
     model = load_model(ckpt)
     dm = SeqRecDataModule(root=str(root), max_len=max_len, eval_batch_size=batch_size, verify="off")
@@ -194,12 +208,8 @@ def analyse(ckpt: str, root: Path, max_len: int, batch_size: int = 128) -> dict[
         for batch in dm.loader("test", rank=0, world=1):
             items, real = batch["items"], batch["items"] != 0
             out = model(items, batch["ts"], return_states=True)
-            ranks = target_ranks(out.hidden[:, -1], table, batch["targets"][:, -1])  # LOO: one target, last
+            rec = target_columns(batch, out.hidden, table)
             habit = (batch["input_kind"] == 1) & real
-            recent = real[:, -WINDOW:].sum(1).clamp_min(1)
-            rec = {"user_idx": batch["user_idx"], "rank": ranks, "kind": batch["target_kind"][:, -1],
-                   "recent_habit_share": habit[:, -WINDOW:].sum(1) / recent,
-                   "habit_share": habit.sum(1) / real.sum(1).clamp_min(1)}
             if out.states:
                 rec.update(per_user(out.states, items, habit))
                 if out.states[0].get("codes") is not None:  # [B, T, L] per pass: which codes real events use
@@ -544,16 +554,16 @@ def heldout_analyses(g: Grid, rows: list[dict], work: Path, users: int) -> dict[
         ckpt = json.loads((work / r["tag"] / "metrics_test.json").read_text())["best_checkpoint"]
         st = os.stat(ckpt)
         stamp = f"{ckpt}|{st.st_size}|{st.st_mtime_ns}"
-        if not cache.exists() or str(np.load(cache).get("checkpoint", "")) != stamp:
+        cached = dict(np.load(cache)) if cache.exists() else {}
+        if str(cached.get("checkpoint", "")) != stamp:
             if seqs is None:
                 root = dataset_root(g, top)
-                raw = heldout.heldout_log(root, Path("data/raw") / f"{root.name}-heldout{users}" / "events.parquet",
-                                          users, g.items, top)
-                seqs = heldout.load_sequences(raw, root)
+                seqs = heldout.load_sequences(heldout.heldout_log(root, users, g.items, top), root)
             t0 = time.perf_counter()
-            np.savez_compressed(cache, checkpoint=np.array(stamp), **heldout.score(ckpt, seqs, g.max_len))
+            cached = {"checkpoint": np.array(stamp), **heldout.score(ckpt, seqs, g.max_len)}
+            np.savez_compressed(cache, **cached)
             print(f"[study] {r['tag']}: scored {users} held-out users ({time.perf_counter() - t0:.0f} s)", flush=True)
-        out[r["tag"]] = {k: v for k, v in np.load(cache).items() if k != "checkpoint"}
+        out[r["tag"]] = {k: v for k, v in cached.items() if k != "checkpoint"}
     return out
 
 

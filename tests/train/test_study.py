@@ -166,7 +166,7 @@ def test_heldout_scores_are_cached_per_checkpoint_and_redone_for_a_retrained_run
     from sinkrec import heldout
 
     calls = []
-    monkeypatch.setattr(heldout, "heldout_log", lambda root, out, *a, **k: out)
+    monkeypatch.setattr(heldout, "heldout_log", lambda root, *a, **k: tmp_path / "raw.parquet")
     monkeypatch.setattr(heldout, "load_sequences", lambda raw, root: ["seqs"])
 
     def score(ckpt, seqs, max_len):

@@ -9,8 +9,9 @@ runs ~2W + 4 elementwise passes for the same work (docs/MODEL.md, "Layer benchma
 
 Built with -O3 -ffast-math and the CPU's vector ISA, so GCC vectorizes the SiLU's exp through
 glibc's vector math library (libmvec); results differ from the reference by float rounding only
-(tests/ops/test_short_conv.py holds them equal to 1e-5). Only float32 on CPU; `short_conv` falls back to channels_last for any other dtype or device, and
-when the extension cannot be built (no C++ compiler): `cpp_available()` says which.
+(tests/ops/test_short_conv.py holds them equal to 1e-5). Only float32 on CPU; `short_conv` falls
+back to channels_last for any other dtype or device, and when the extension cannot be built (no C++
+compiler): `cpp_available()` says which.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from functools import cache
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from sinkrec.ops.short_conv.channels_last import _taps
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -31,6 +34,22 @@ _SOURCE = r"""
 // std::exp inside `omp simd` loops: with -ffast-math GCC calls glibc's vector expf (libmvec)
 static inline float sig(float y) { return 1.f / (1.f + std::exp(-y)); }
 
+// o[c] = y[r, c] = sum_{s < W, s <= t} w[W-1-s, c] x[r-s, c]: row r (time t) of the conv before the
+// activation; the forward writes it, the backward recomputes it
+static inline void conv_row(float* __restrict__ o, const float* xp, const float* wp, int64_t r, int64_t t,
+                            int64_t W, int64_t C) {
+  const float* __restrict__ wl = wp + (W - 1) * C;
+  const float* __restrict__ xr = xp + r * C;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) o[c] = wl[c] * xr[c];
+  for (int64_t s = 1; s < W && s <= t; ++s) {
+    const float* __restrict__ ws = wp + (W - 1 - s) * C;
+    const float* __restrict__ xs = xp + (r - s) * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) o[c] += ws[c] * xs[c];
+  }
+}
+
 torch::Tensor conv_fwd(torch::Tensor x, torch::Tensor w, bool silu) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), W = w.size(0);
   auto out = torch::empty_like(x);
@@ -39,18 +58,8 @@ torch::Tensor conv_fwd(torch::Tensor x, torch::Tensor w, bool silu) {
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * T, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      const int64_t t = r % T;
       float* o = op + r * C;
-      const float* wl = wp + (W - 1) * C;
-      const float* xr = xp + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = wl[c] * xr[c];
-      for (int64_t s = 1; s < W && s <= t; ++s) {
-        const float* ws = wp + (W - 1 - s) * C;
-        const float* xs = xp + (r - s) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] += ws[c] * xs[c];
-      }
+      conv_row(o, xp, wp, r, r % T, W, C);
       if (silu) {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) o[c] = o[c] * sig(o[c]);
@@ -85,16 +94,7 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
         const int64_t r = b * T + t;
         float* __restrict__ d = dyb.data() + (t - t0) * C;
         const float* __restrict__ g = gp + r * C;
-        const float* __restrict__ wl = wp + (W - 1) * C;
-        const float* __restrict__ xr = xp + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) d[c] = wl[c] * xr[c];
-        for (int64_t s = 1; s < W && s <= t; ++s) {
-          const float* __restrict__ ws = wp + (W - 1 - s) * C;
-          const float* __restrict__ xs = xp + (r - s) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) d[c] += ws[c] * xs[c];
-        }
+        conv_row(d, xp, wp, r, t, W, C);
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const float y = d[c], sg = sig(y);
@@ -180,7 +180,7 @@ class ShortConvCppFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, silu: bool) -> torch.Tensor:
         x = x.contiguous()
-        taps = weight[:, 0, :].t().to(x.dtype).contiguous()  # [W, C]
+        taps = _taps(weight, x.dtype)  # [W, C]
         ctx.save_for_backward(x, weight)
         ctx.silu = silu
         return _module().conv_fwd(x, taps, silu)
@@ -189,7 +189,7 @@ class ShortConvCppFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout: torch.Tensor):
         x, weight = ctx.saved_tensors
-        taps = weight[:, 0, :].t().to(x.dtype).contiguous()
+        taps = _taps(weight, x.dtype)
         want_dx, want_dw = ctx.needs_input_grad[:2]
         dx, dw = _module().conv_bwd(x, taps, dout.contiguous(), ctx.silu, want_dx, want_dw)
         return (dx if want_dx else None), (dw.t()[:, None, :].to(weight.dtype) if want_dw else None), None
