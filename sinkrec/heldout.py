@@ -14,7 +14,7 @@ item world (`--items`, `--repeat-ratio`) and another seed. Nothing is trained or
   target and the `max_len` events before it are the input (`sinkrec.data.collate.make_example`,
   stage test), with history items kept as candidates (the study's convention).
 
-    python -m sinkrec.heldout --ckpt <best.ckpt> --data data/processed/sinkbench-r0.7 --users 20000
+    python -m sinkrec.heldout --ckpt <best.ckpt> --data data/processed/sinkbench-r0.7 --repeat-ratio 0.7 --users 20000
 """
 from __future__ import annotations
 
