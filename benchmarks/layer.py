@@ -10,7 +10,8 @@ Layers (all d_model = 64, 2 heads, the residual update of one sublayer, no FFN):
                     the best case for SASRec
     sdpa_masked     the same layer as sinkrec.model.SASRec runs it: a [B, 1, T, T] causal & key-is-real
                     mask built per call, so SDPA takes its O(T^2)-memory math path
-    tdgd_chunk      TDGD (SinkRec's layer), chunked delta rule; tdgd_recurrent: per-step delta rule
+    tdgd_chunk      TDGD (SinkRec's layer), chunked delta rule; tdgd_recurrent: per-step delta rule. Gates,
+                    conv and output norm on their `auto` backends, as the trainer runs them (C++ on CPU)
     tdgd_chunk_conv1d  tdgd_chunk with its short conv on the F.conv1d reference (conv_backend=reference)
                     instead of the [B, T, C] fast path: the gain of sinkrec/ops/short_conv side by side
     elastic_lda     ELASTIC's linear dispatcher attention (32 dispatchers per head), chunked
@@ -96,7 +97,7 @@ def _layer_case(kind: str, T: int, reps: int) -> dict:
         backend = kind.removeprefix("tdgd_").removesuffix("_conv1d")
         conv = "reference" if kind.endswith("_conv1d") else "auto"
         layer = TDGD(SinkRecConfig(num_items=1, d_model=D_MODEL, n_heads=N_HEADS, kernel_backend=backend,
-                                   gate_backend="reference", conv_backend=conv).validate())
+                                   gate_backend="auto", conv_backend=conv).validate())
         m = torch.randn(B, T, D_MODEL)  # retrieved memory value, as the block passes it
         phi = torch.rand(B, T)
         run = lambda: layer(h, m, phi, mask)[0]

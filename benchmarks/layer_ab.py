@@ -45,7 +45,7 @@ def _child(kind: str, T: int, reps: int, tokens: int = TOKENS) -> float:
         from sinkrec.layers import TDGD
 
         layer = TDGD(SinkRecConfig(num_items=1, d_model=D_MODEL, n_heads=N_HEADS, kernel_backend="chunk",
-                                   gate_backend="reference").validate())
+                                   gate_backend="auto").validate())
         h = torch.randn(B, T, D_MODEL, requires_grad=True)
         dy, m = torch.randn(B, T, D_MODEL), torch.randn(B, T, D_MODEL)
         phi, mask = torch.rand(B, T), torch.ones(B, T, dtype=torch.bool)

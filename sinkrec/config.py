@@ -55,8 +55,8 @@ class SinkRecConfig:
     temperature: float = 1.0  # logits are divided by it (training loss only; ranking is unaffected)
     l2_norm: bool = False  # score with unit-norm query and item vectors (cosine); HSTU's recipe
     kernel_backend: str = "auto"  # delta-rule backend: "auto" | "chunk" | "recurrent" | "fla"
-    gate_backend: str = "auto"  # fused gates: "reference" | "compile" | "triton" | "auto"
-    conv_backend: str = "auto"  # short convs (TDGD q/k/v, RVQ pattern): "reference" | "channels_last" | "auto"
+    gate_backend: str = "auto"  # fused gates: "reference" | "compile" | "triton" | "cpp" | "auto"
+    conv_backend: str = "auto"  # short convs (TDGD q/k/v, RVQ pattern): "reference" | "channels_last" | "cpp" | "auto"
     init_std: float = 0.02  # std of the item / position / loop embeddings
     input_norm: bool = True  # RMSNorm the input embeddings (the tied table stays small for the head)
     # ELASTIC only (../shared/ELASTIC.md); n_blocks, n_heads, dropout apply, n_loops / max_len do not
@@ -99,7 +99,7 @@ class SinkRecConfig:
                              f"arch 'sinkrec' with memory=True (got arch={self.arch!r}, memory={self.memory})")
         if self.repeat_gate and self.gate_backend == "triton":
             raise ValueError("SinkRecConfig.repeat_gate=True is not implemented in the triton gate kernel; "
-                             "set gate_backend 'reference', 'compile' or 'auto' (auto then picks reference)")
+                             "set gate_backend 'reference', 'compile', 'cpp' or 'auto'")
         if self.coverage_target not in ("codes", "items"):
             raise ValueError(f"SinkRecConfig.coverage_target={self.coverage_target!r} must be 'codes' (the RVQ "
                              "code tuple recurs) or 'items' (the item recurs)")

@@ -18,7 +18,7 @@ from torch import nn
 from sinkrec.config import SinkRecConfig
 from sinkrec.modules import RMSNorm, RVQMemory, ShortConv, SwiGLU, l2norm
 from sinkrec.modules.packed import packed_index
-from sinkrec.ops import fused_gates, gated_delta_rule
+from sinkrec.ops import fused_gates, gated_delta_rule, gated_rms_norm
 from sinkrec.ops.fused_gates.naive import coverage_rho
 
 REPEAT_SCALE = 8.0  # repeat_gate: the multiplier of c_rep in rho's pre-activation (see TDGD.__init__)
@@ -89,12 +89,14 @@ class TDGD(nn.Module):
                 raise ValueError("TDGD: repeat_gate=True needs repeat= (bool [B, T]: the item occurred earlier)")
             rho_bias = REPEAT_SCALE * self.c_rep * repeat[..., None].to(self.c_rep.dtype)  # [B, T, H]
         u = self.norm(h)
-        # projections: [q | k | v] through the short conv, output gate og, gate logits a_x, b_x
-        # two matmuls over row blocks of w_in's weight: [q | k | v | og] is 4 * d_model wide, and with the 2H
-        # gate columns on it the CPU GEMM takes a slow path (forward of [16384, 64] at N = 260: 11.3 ms, at
-        # 256: 8.0 ms, one EPYC thread); the layer fwd + bwd is ~5% faster this way, same parameter
+        # projections: [q | k | v] through the short conv, output gate og, gate logits a_x, b_x.
+        # Three matmuls over row blocks of w_in's weight (one parameter), so that qkv and og come out
+        # contiguous: as one [q | k | v | og | a | b] GEMM (N = 260) the CPU GEMM takes a slow path, and as
+        # [q | k | v | og] (N = 256) the conv must copy its strided input, SiLU(og) runs strided and the
+        # backward concatenates the two gradients (one thread, T = 4096: layer fwd + bwd 7% faster split)
         n_wide = self.n_conv + H * V
-        qkv, og = F.linear(u, self.w_in.weight[:n_wide]).split([self.n_conv, H * V], dim=-1)
+        qkv = F.linear(u, self.w_in.weight[: self.n_conv])
+        og = F.linear(u, self.w_in.weight[self.n_conv : n_wide])
         a_x, b_x = F.linear(u, self.w_in.weight[n_wide:]).split([H, H], dim=-1)
         conv_out, conv_buf = self.conv(qkv, None if cache is None else cache["conv"], cu_seqlens)  # SiLU'd
         qk, v = conv_out.split([2 * H * K, H * V], dim=-1)
@@ -123,7 +125,8 @@ class TDGD(nn.Module):
         )  # o: [B, T, H, V]
         if self.memory:
             o = torch.addcmul(o, gates.r[..., None], vm)  # the position reads its own memory pair
-        y = self.w_o((self.o_norm(o) * F.silu(og)).flatten(-2))  # [B, T, H, V] -> [B, T, D]
+        # RMSNorm(o) * SiLU(og), one C++ pass each way on float32 CPU tensors (sinkrec/ops/gated_norm)
+        y = self.w_o(gated_rms_norm(o, og, self.o_norm.weight, self.o_norm.eps).flatten(-2))  # [B, T, D]
         record = None
         if return_record:  # what the sink diagnostics read (sinkrec.diagnostics)
             # beta: the write strength the state actually gets (purified: b * (1 - rho));

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkrec.ops.fused_gates import fused_gates, gates_reference
+from sinkrec.ops.fused_gates import cpp_available, fused_gates, gates_reference, resolve_gate_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_gates_parity.py")
@@ -122,3 +122,58 @@ def test_compile_takes_rho_bias_like_the_reference():
     got = fused_gates(*tensors.values(), phi, mask, *params.values(), backend="compile", rho_bias=bias)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ gates do not build here (no compiler)")
+
+
+@needs_cpp
+def test_cpp_matches_reference_forward_backward_every_switch():
+    from _gates_parity import main
+
+    errs = main(["cpp"], torch.float32, all_flags=True)
+    assert len(errs) == 10
+    bad = {k: v for k, v in errs.items() if v > 1e-5}
+    assert not bad, bad
+
+
+@needs_cpp
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpp_takes_strided_views_and_rho_bias_like_the_reference(with_bias):
+    """TDGD passes q, k as halves of one l2-normed tensor, a_x, b_x as slices of a projection and vm as a
+    slice of another: strided views. Values and every gradient equal the reference's."""
+    torch.manual_seed(0)
+    B, T, H, K = 3, 9, 2, 8
+    qk = torch.nn.functional.normalize(torch.randn(B, T, 2 * H, K), dim=-1).requires_grad_(True)
+    ab = torch.randn(B, T, 2 * H, requires_grad=True)
+    mkv = torch.randn(B, T, 2 * H * K, requires_grad=True)
+    v, l_x = torch.randn(B, T, H, K, requires_grad=True), torch.randn(B, T, H, requires_grad=True)
+    params = [torch.randn(H, requires_grad=True) for _ in range(6)]
+    phi, mask = torch.rand(B, T), torch.ones(B, T, dtype=torch.bool)
+    mask[0, :4] = False
+    bias = torch.randn(B, T, H, requires_grad=True) if with_bias else None
+
+    def run(backend):
+        q, k = qk.split(H, dim=-2)
+        a_x, b_x = ab.split(H, dim=-1)
+        km, vm = mkv.split(H * K, dim=-1)
+        km = torch.nn.functional.normalize(km.unflatten(-1, (H, K)), dim=-1)
+        out = fused_gates(q, k, v, km, vm.unflatten(-1, (H, K)), a_x, b_x, l_x, phi, mask, *params,
+                          backend=backend, rho_bias=bias)
+        leaves = [qk, ab, mkv, v, l_x, *params] + ([bias] if with_bias else [])
+        gen = torch.Generator().manual_seed(1)
+        grads = torch.autograd.grad(out, leaves, [torch.randn(o.shape, generator=gen) for o in out])
+        return [o.detach() for o in out], grads
+
+    for a, b in zip(run("cpp"), run("reference")):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatcher_picks_cpp_on_float32_cpu_and_refuses_what_it_cannot_run():
+    q = make_inputs()[0]["q"].float()
+    assert resolve_gate_backend("auto", q) == ("cpp" if cpp_available() else "reference")
+    assert resolve_gate_backend("auto", q.double()) == "reference"
+    assert resolve_gate_backend("auto", q, rho_bias=True) == ("cpp" if cpp_available() else "reference")
+    with pytest.raises(ValueError, match="gate_backend='cpp' runs float32 CPU tensors"):
+        resolve_gate_backend("cpp", q.bfloat16())

@@ -5,28 +5,40 @@ Backends (all share the contract of `naive.gates_reference`):
     reference  plain PyTorch, autograd backward (`naive.py`, the spec)
     compile    `torch.compile` of the reference (`compile.py`; inductor fuses the elementwise chain; CPU or GPU)
     triton     one Triton kernel forward + one backward (`triton.py`); GPU, or CPU under TRITON_INTERPRET=1
-    auto       triton on CUDA when importable, else reference. On CPU `compile` is not the default
-               because its first call compiles for seconds; `benchmarks/layer.py` measures its gain.
+    cpp        one C++ loop forward + one backward (`cpp.py`); float32 CPU tensors, needs a C++ compiler
+               (built at first use, ~50 s, then cached); without memory it runs the reference
+    auto       triton on CUDA when importable (the reference with rho_bias), cpp for float32 CPU tensors
+               where it builds, else reference. `compile` is never the default: its first call compiles
+               for seconds; `benchmarks/layer.py` measures the backends' gain.
 """
 from __future__ import annotations
 
 import torch
 
 from sinkrec.ops._optional import triton_available
+from sinkrec.ops.fused_gates.cpp import cpp_available, gates_cpp
 from sinkrec.ops.fused_gates.naive import GateOut, gates_reference
 
-BACKENDS = ("auto", "reference", "compile", "triton")
+BACKENDS = ("auto", "reference", "compile", "triton", "cpp")
 
-__all__ = ["BACKENDS", "GateOut", "fused_gates", "gates_reference", "resolve_gate_backend"]
+__all__ = ["BACKENDS", "GateOut", "cpp_available", "fused_gates", "gates_reference", "resolve_gate_backend"]
 
 
-def resolve_gate_backend(backend: str, x: torch.Tensor) -> str:
-    """Map `backend` (possibly "auto") to the implementation that will run for input `x`."""
+def resolve_gate_backend(backend: str, x: torch.Tensor, rho_bias: bool = False) -> str:
+    """Map `backend` (possibly "auto") to the implementation that will run for input `x` (`rho_bias`:
+    whether a per-position rho term comes with it, which the triton kernel does not take)."""
     if backend not in BACKENDS:
         raise ValueError(f"fused_gates: gate_backend={backend!r} is not one of {BACKENDS}")
+    fits_cpp = not x.is_cuda and x.dtype == torch.float32
+    if backend == "cpp" and not (fits_cpp and cpp_available()):
+        raise ValueError(f"fused_gates: gate_backend='cpp' runs float32 CPU tensors where the C++ extension "
+                         f"builds (got {x.dtype} on {x.device}, extension "
+                         f"{'built' if cpp_available() else 'not buildable here'}); use 'auto' to fall back")
     if backend != "auto":
         return backend
-    return "triton" if x.is_cuda and triton_available() else "reference"
+    if x.is_cuda:
+        return "triton" if triton_available() and not rho_bias else "reference"
+    return "cpp" if fits_cpp and cpp_available() else "reference"
 
 
 def _check_inputs(q, k, v, km, vm, a_x, b_x, l_x, phi, mask, params, memory: bool, diff_read: bool,
@@ -87,8 +99,7 @@ def fused_gates(
     compile backends): a per-position term added to rho's pre-activation.
     Returns GateOut(q~ [B, T, H, K], v~ [B, T, H, V], g, beta~, r [B, T, H] or None).
     """
-    # auto with rho_bias: the reference (the triton kernel has no per-position rho term)
-    impl = "reference" if backend == "auto" and rho_bias is not None else resolve_gate_backend(backend, q)
+    impl = resolve_gate_backend(backend, q, rho_bias is not None)
     params = {"A_log": A_log, "dt_bias": dt_bias, "c_a": c_a, "c_b": c_b, "s_rho": s_rho, "b_rho": b_rho}
     _check_inputs(q, k, v, km, vm, a_x, b_x, l_x, phi, mask, params, memory, diff_read, temporal)
     args = (q, k, v, km, vm, a_x, b_x, l_x, phi, mask, *params.values())
@@ -99,10 +110,12 @@ def fused_gates(
                              f"memory=True; got shape {tuple(rho_bias.shape)}, memory={memory}")
         if impl == "triton":
             raise ValueError("fused_gates: rho_bias (SinkRecConfig.repeat_gate) is not implemented in the "
-                             "triton gate kernel; use gate_backend 'reference', 'compile' or 'auto'")
+                             "triton gate kernel; use gate_backend 'reference', 'compile', 'cpp' or 'auto'")
         flags["rho_bias"] = rho_bias
     if impl == "reference":
         return gates_reference(*args, **flags)
+    if impl == "cpp":
+        return gates_cpp(*args, **flags)
     if impl == "compile":
         from sinkrec.ops.fused_gates.compile import gates_compile
 

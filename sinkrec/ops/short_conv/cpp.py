@@ -7,21 +7,20 @@ from x (W multiply-adds, cheaper than storing and re-reading it), and produces d
 over time blocks, with dy = act'(y) * dout kept in a small per-block buffer. The PyTorch fast path
 runs ~2W + 4 elementwise passes for the same work (docs/MODEL.md, "Layer benchmark").
 
-Built with -O3 -ffast-math and the CPU's vector ISA, so GCC vectorizes the SiLU's exp through
-glibc's vector math library (libmvec); results differ from the reference by float rounding only
+Built by `sinkrec.ops._cpp` (-O3 -ffast-math, the CPU's vector ISA: the SiLU's exp vectorizes
+through libmvec); results differ from the reference by float rounding only
 (tests/ops/test_short_conv.py holds them equal to 1e-5). Only float32 on CPU; `short_conv` falls
 back to channels_last for any other dtype or device, and when the extension cannot be built (no C++
 compiler): `cpp_available()` says which.
 """
 from __future__ import annotations
 
-import os
-import shutil
 from functools import cache
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from sinkrec.ops import _cpp
 from sinkrec.ops.short_conv.channels_last import _taps
 
 _SOURCE = r"""
@@ -144,36 +143,17 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
 """
 
 
-def _flags() -> tuple[str, list[str]]:
-    """Compiler flags for this CPU's vector width, and a module name that says which (the build cache
-    then keeps one build per instruction set; a copied cache dir never runs AVX-512 on an AVX2 CPU)."""
-    cap = torch.backends.cpu.get_cpu_capability().lower()  # "default" | "avx2" | "avx512" | ...
-    isa = {"avx512": ["-mavx512f", "-mavx2", "-mfma"], "avx2": ["-mavx2", "-mfma"]}.get(cap, [])
-    return f"sinkrec_short_conv_{cap}", ["-O3", "-fopenmp-simd", "-ffast-math", *isa]
-
-
 @cache
 def _module():
-    from torch.utils.cpp_extension import load_inline
-
-    name, flags = _flags()
-    return load_inline(name=name, cpp_sources=[_CPP_DECL, _SOURCE], functions=["conv_fwd", "conv_bwd"],
-                       extra_cflags=flags, extra_ldflags=["-lmvec"], verbose=False)
+    return _cpp.build("sinkrec_short_conv", _CPP_DECL, _SOURCE, ["conv_fwd", "conv_bwd"])
 
 
 @cache
 def cpp_available() -> bool:
     """True when the extension builds (or is already built) here; False without a C++ compiler ($CXX,
-    else c++) or when the build fails. The first build takes ~50 s (then cached in
-    $TORCH_EXTENSIONS_DIR, one build per CPU instruction set). SINKREC_NO_CPP=1 turns it off: the
-    PyTorch fast path (channels_last) then runs."""
-    if os.environ.get("SINKREC_NO_CPP") or not shutil.which(os.environ.get("CXX", "c++")):
-        return False
-    try:
-        _module()
-        return True
-    except Exception:  # noqa: BLE001  no compiler, no headers, a failed build: the fallback runs
-        return False
+    else c++), when the build fails, or with SINKREC_NO_CPP=1 (`sinkrec.ops._cpp`): the PyTorch fast
+    path (channels_last) then runs. The first build takes ~50 s, then it is cached."""
+    return _cpp.buildable(_module)
 
 
 class ShortConvCppFunction(torch.autograd.Function):
