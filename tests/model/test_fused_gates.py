@@ -177,3 +177,26 @@ def test_dispatcher_picks_cpp_on_float32_cpu_and_refuses_what_it_cannot_run():
     assert resolve_gate_backend("auto", q, rho_bias=True) == ("cpp" if cpp_available() else "reference")
     with pytest.raises(ValueError, match="gate_backend='cpp' runs float32 CPU tensors"):
         resolve_gate_backend("cpp", q.bfloat16())
+
+
+@needs_cpp
+def test_cpp_on_two_threads_equals_reference():
+    """Several blocks of positions split over two threads: the [H] parameters' per-thread partial
+    gradients add up to the reference's."""
+    tensors, params, phi, mask = make_inputs(B=3, T=300, H=2, K=16, V=16)
+    leaves = {n: t.float().requires_grad_(True) for n, t in {**tensors, **params}.items()}
+    threads = torch.get_num_threads()
+
+    def run(backend):
+        out = fused_gates(*list(leaves.values())[:8], phi, mask, *list(leaves.values())[8:], backend=backend)
+        gen = torch.Generator().manual_seed(1)
+        return [*out, *torch.autograd.grad(out, list(leaves.values()),
+                                           [torch.randn(o.shape, generator=gen) for o in out])]
+
+    torch.set_num_threads(2)
+    try:
+        got = run("cpp")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(got, run("reference")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

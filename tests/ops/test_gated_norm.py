@@ -70,3 +70,21 @@ def test_dispatch_picks_and_refuses():
     # bf16 (autocast) takes the PyTorch path and matches it
     torch.testing.assert_close(gated_rms_norm(x.bfloat16(), g.bfloat16(), w),
                                F.rms_norm(x, (4,), w, 1e-6).bfloat16() * F.silu(g.bfloat16()))
+
+
+@needs_cpp
+def test_cpp_on_two_threads_equals_reference():
+    """Enough rows for at::parallel_for to split them: the per-thread weight-gradient partials add up."""
+    torch.manual_seed(0)
+    x, g = torch.randn(5000, 32, requires_grad=True), torch.randn(5000, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = gated_rms_norm(x, g, w, backend="cpp")
+        got_grads = torch.autograd.grad(got, (x, g, w), torch.ones_like(got))
+    finally:
+        torch.set_num_threads(threads)
+    want = gated_rms_norm_reference(x, g, w)
+    for a, b in zip((got, *got_grads), (want, *torch.autograd.grad(want, (x, g, w), torch.ones_like(want)))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
