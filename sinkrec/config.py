@@ -54,7 +54,7 @@ class SinkRecConfig:
     per_position_negatives: bool = False
     temperature: float = 1.0  # logits are divided by it (training loss only; ranking is unaffected)
     l2_norm: bool = False  # score with unit-norm query and item vectors (cosine); HSTU's recipe
-    kernel_backend: str = "auto"  # delta-rule backend: "auto" | "chunk" | "recurrent" | "fla"
+    kernel_backend: str = "auto"  # delta-rule backend: "auto" | "chunk" | "cpp" | "recurrent" | "fla"
     gate_backend: str = "auto"  # fused gates: "reference" | "compile" | "triton" | "cpp" | "auto"
     conv_backend: str = "auto"  # short convs (TDGD q/k/v, RVQ pattern): "reference" | "channels_last" | "cpp" | "auto"
     init_std: float = 0.02  # std of the item / position / loop embeddings

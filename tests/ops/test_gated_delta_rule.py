@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 import sinkrec.ops.gated_delta.chunk as chunk_mod
 from sinkrec.ops import gated_delta_rule
-from sinkrec.ops.gated_delta import resolve_backend
+from sinkrec.ops.gated_delta import cpp_available, resolve_backend
 
 TOL = 1e-4  # relative RMS error, float32
 
@@ -358,7 +358,7 @@ def test_saved_and_recomputed_factors_give_the_same_gradients(monkeypatch):
 def test_resolve_backend_auto_on_cpu():
     q = torch.zeros(1, 1, 1, 4)
     assert resolve_backend("auto", q) == "recurrent"  # one streaming step: no 64-chunk padding
-    assert resolve_backend("auto", torch.zeros(1, 2, 1, 4)) == "chunk"
+    assert resolve_backend("auto", torch.zeros(1, 2, 1, 4)) == "chunk"  # K = 4: not a cpp size
     assert resolve_backend("recurrent", torch.zeros(1, 2, 1, 4)) == "recurrent"
 
 
@@ -515,3 +515,103 @@ def test_cu_seqlens_initial_state_is_one_per_sequence():
     q, k, v, g, beta, h0 = make_inputs(1, 10, 2, 4, 6)  # h0: [1, H, K, V], but there are 3 sequences
     with pytest.raises(ValueError, match=r"initial_state must be \[N, H, K, V\] = \(3, 2, 4, 6\)"):
         gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=torch.tensor([0, 2, 5, 10]))
+
+
+# ---- the C++ chunk kernel (backend "cpp"): every contract of the chunk op, against the recurrent reference
+needs_cpp = pytest.mark.skipif(not cpp_available(), reason="the C++ gated delta rule does not build here")
+CPP_SHAPES = [  # (B, T, H, K, V), K = V in the instantiated sizes, lengths around multiples of 32
+    (2, 1, 2, 16, 16),
+    (2, 63, 2, 16, 16),
+    (1, 64, 3, 32, 32),
+    (3, 65, 1, 64, 64),
+    (1, 300, 2, 32, 32),
+    (1, 40, 1, 128, 128),
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "B{}-T{}-H{}-K{}-V{}".format(*s))
+def test_cpp_matches_recurrent(shape):
+    inputs = make_inputs(*shape, seed=sum(shape))
+    B, T, H, K, V = shape
+    do, dht = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+    got = run_with_grads(ours("cpp", scale=0.7), inputs, do, dht)
+    ref = run_with_grads(ours("recurrent", scale=0.7), inputs, do, dht)
+    for name, a, b in zip(NAMES, got, ref):
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+
+
+@needs_cpp
+def test_cpp_training_call_pieces_and_pads():
+    """No initial / final state (the training call); two pieces with a carried state; pads inside."""
+    B, T, H, K, V = 2, 150, 2, 16, 16
+    q, k, v, g, beta, h0 = make_inputs(B, T, H, K, V, seed=61)
+    do = torch.randn(B, T, H, V)
+    res = {}
+    for backend in ("recurrent", "cpp"):
+        xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+        o, ht = gated_delta_rule(*xs, backend=backend)
+        assert ht is None
+        (o * do).sum().backward()
+        res[backend] = [o.detach()] + [x.grad for x in xs]
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dg", "dbeta"], res["cpp"], res["recurrent"]):
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+    cut = 70
+    o1, h1 = gated_delta_rule(q[:, :cut], k[:, :cut], v[:, :cut], g[:, :cut], beta[:, :cut], initial_state=h0,
+                              output_final_state=True, backend="cpp")
+    o2, h2 = gated_delta_rule(q[:, cut:], k[:, cut:], v[:, cut:], g[:, cut:], beta[:, cut:], initial_state=h1,
+                              output_final_state=True, backend="cpp")
+    o, h = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, backend="recurrent")
+    assert rel_rms(torch.cat([o1, o2], 1), o) <= TOL and rel_rms(h2, h) <= TOL
+    pad = torch.zeros(T, dtype=torch.bool)
+    pad[[0, 5, 40, 63, 64, 149]] = True
+    gp, bp = g.masked_fill(pad[None, :, None], 0), beta.masked_fill(pad[None, :, None], 0)
+    o_ref, h_ref = gated_delta_rule(q[:, ~pad], k[:, ~pad], v[:, ~pad], g[:, ~pad], beta[:, ~pad],
+                                    initial_state=h0, output_final_state=True, backend="recurrent")
+    o_pad, h_pad = gated_delta_rule(q, k, v, gp, bp, initial_state=h0, output_final_state=True, backend="cpp")
+    assert rel_rms(h_pad, h_ref) <= TOL and rel_rms(o_pad[:, ~pad], o_ref) <= TOL
+
+
+@needs_cpp
+def test_cpp_packed_equals_each_sequence_alone():
+    inputs, cu = _packed_inputs(PACKED_LENGTHS, H=2, K=16, V=16)
+    T, H, V = inputs[2].shape[1:]
+    K = inputs[0].shape[-1]
+    do, dht = torch.randn(1, T, H, V), torch.randn(len(PACKED_LENGTHS), H, K, V)
+    ref = run_with_grads(_one_by_one(cu, "recurrent"), inputs, do, dht)
+    got = run_with_grads(ours("cpp", cu_seqlens=cu), inputs, do, dht)
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        assert rel_rms(a, b) <= TOL, f"{name}: rel RMS {rel_rms(a, b):.2e} > {TOL}"
+    empty = PACKED_LENGTHS.index(0)
+    assert torch.equal(got[1][empty], inputs[5][empty]) and torch.equal(got[7][empty], dht[empty])
+
+
+@needs_cpp
+def test_cpp_on_two_threads_and_bf16():
+    """Sequence-heads split over two threads give the one-thread numbers; bf16 inputs accumulate in
+    float32 and get bf16 gradients, like the chunk op."""
+    inputs = make_inputs(3, 100, 2, 32, 32, seed=67)
+    do, dht = torch.randn(3, 100, 2, 32), torch.randn(3, 2, 32, 32)
+    one = run_with_grads(ours("cpp"), inputs, do, dht)
+    torch.set_num_threads(2)  # the module fixture restores one thread
+    two = run_with_grads(ours("cpp"), inputs, do, dht)
+    torch.set_num_threads(1)
+    for name, a, b in zip(NAMES, two, one):
+        assert torch.equal(a, b), name  # each sequence-head is one thread's, whatever the split
+    low = [x.bfloat16() for x in inputs[:5]] + [inputs[5]]
+    got = run_with_grads(ours("cpp"), low, do, dht)
+    want = run_with_grads(ours("chunk"), low, do, dht)
+    assert [x.dtype for x in got[2:]] == [x.dtype for x in want[2:]]
+    for name, a, b in zip(NAMES, got, want):
+        assert rel_rms(a, b) <= 1e-2, f"{name}: rel RMS {rel_rms(a, b):.2e}"
+
+
+def test_resolve_backend_cpp_where_it_runs():
+    q = torch.zeros(1, 2, 1, 32)
+    assert resolve_backend("auto", q) == ("cpp" if cpp_available() else "chunk")
+    assert resolve_backend("auto", q, torch.zeros(1, 2, 1, 16)) == "chunk"  # K != V
+    assert resolve_backend("auto", q.double()) == "chunk"  # float64 accumulates in float64
+    assert resolve_backend("auto", torch.zeros(1, 2, 1, 8)) == "chunk"  # K not instantiated
+    with pytest.raises(ValueError, match=r"backend='cpp' runs CPU tensors with K = V in \{16, 32, 64, 128\}"):
+        resolve_backend("cpp", torch.zeros(1, 2, 1, 8))

@@ -14,8 +14,6 @@ takes the reference too. Equal to the reference up to float rounding (tests/mode
 """
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -251,28 +249,16 @@ std::vector<torch::Tensor> gates_bwd(torch::Tensor q, torch::Tensor k, torch::Te
 }
 """
 
-_CPP_DECL = """
-std::vector<torch::Tensor> gates_fwd(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor km,
-                                     torch::Tensor vm, torch::Tensor a_x, torch::Tensor b_x, torch::Tensor l_x,
-                                     torch::Tensor phi, torch::Tensor mask, torch::Tensor par,
-                                     torch::Tensor rho_bias, bool purify, bool diff, bool temporal);
-std::vector<torch::Tensor> gates_bwd(torch::Tensor q, torch::Tensor k, torch::Tensor km, torch::Tensor vm,
-                                     torch::Tensor a_x, torch::Tensor b_x, torch::Tensor l_x, torch::Tensor phi,
-                                     torch::Tensor mask, torch::Tensor par, torch::Tensor rho_bias,
-                                     torch::Tensor dqo, torch::Tensor dvo, torch::Tensor dg, torch::Tensor dbeta,
-                                     torch::Tensor dr, bool purify, bool diff, bool temporal);
-"""
+FUNCTIONS = ("gates_fwd", "gates_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
 
 
-@cache
 def _module():
-    return _cpp.build("sinkrec_fused_gates", _CPP_DECL, _SOURCE, ["gates_fwd", "gates_bwd"])
+    return _cpp.module()
 
 
-@cache
 def cpp_available() -> bool:
-    """True when the extension builds here (see `sinkrec.ops._cpp.buildable`)."""
-    return _cpp.buildable(_module)
+    """True when the C++ kernels build here (`sinkrec.ops._cpp.available`)."""
+    return _cpp.available()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

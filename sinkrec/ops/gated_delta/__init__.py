@@ -2,10 +2,14 @@
 
 Backends (all share the contract of `naive.py`):
     recurrent  per-step PyTorch reference; the O(1)-per-event streaming inference path
-    chunk      chunkwise-parallel WY form in PyTorch (chunk.CHUNK_SIZE = 32); the CPU training path
+    chunk      chunkwise-parallel WY form in PyTorch (chunk.CHUNK_SIZE = 32)
+    cpp        the same chunk algorithm and layout as C++ loops (`cpp.py`): CPU, K = V in {16, 32, 64,
+               128}, float32 accumulation (float32 / bf16 / fp16 inputs), needs a C++ compiler (built at
+               first use, ~50 s, then cached); ~2x the chunk op's speed (docs/MODEL.md)
     fla        flash-linear-attention Triton kernels; CUDA only, imported lazily
     auto       fla on CUDA when importable; else recurrent for T == 1 (a single streaming step,
-               where padding to a whole chunk would be pure waste); else chunk
+               where padding to a whole chunk would be pure waste); else cpp where it runs, else chunk:
+               the CPU training path
 """
 
 from __future__ import annotations
@@ -14,29 +18,42 @@ import torch
 
 from sinkrec.ops._optional import fla_available
 from sinkrec.ops.gated_delta.chunk import chunk_gated_delta_rule
+from sinkrec.ops.gated_delta.cpp import chunk_cpp_gated_delta_rule, cpp_available, cpp_fits
 from sinkrec.ops.gated_delta.fla import fla_gated_delta_rule
 from sinkrec.ops.gated_delta.naive import recurrent_gated_delta_rule
 
-BACKENDS = ("auto", "recurrent", "chunk", "fla")
+BACKENDS = ("auto", "recurrent", "chunk", "cpp", "fla")
 
 __all__ = ["BACKENDS", "gated_delta_rule", "resolve_backend"]
 
 _IMPLS = {
     "recurrent": recurrent_gated_delta_rule,
     "chunk": chunk_gated_delta_rule,
+    "cpp": chunk_cpp_gated_delta_rule,
     "fla": fla_gated_delta_rule,
 }
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """Map `backend` (possibly "auto") to the implementation that will run for input `q`."""
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None) -> str:
+    """Map `backend` (possibly "auto") to the implementation that will run for inputs `q` (and `v`,
+    whose head dim the cpp backend must see equal to q's; v = q when None)."""
     if backend not in BACKENDS:
         raise ValueError(f"gated_delta_rule: backend={backend!r} is not one of {BACKENDS}")
+    v = q if v is None else v
+    if backend == "cpp" and not (cpp_fits(q, v) and cpp_available()):
+        raise ValueError(
+            f"gated_delta_rule: backend='cpp' runs CPU tensors with K = V in {{16, 32, 64, 128}} and float32 "
+            f"accumulation where the C++ extension builds; got K = {q.shape[-1]}, V = {v.shape[-1]}, "
+            f"{q.dtype} on {q.device}, extension {'built' if cpp_available() else 'not buildable here'}. "
+            "Use 'auto' (falls back to 'chunk') or 'chunk'"
+        )
     if backend != "auto":
         return backend
     if q.is_cuda and fla_available():
         return "fla"
-    return "recurrent" if q.shape[1] == 1 else "chunk"
+    if q.shape[1] == 1:
+        return "recurrent"
+    return "cpp" if cpp_fits(q, v) and cpp_available() else "chunk"
 
 
 def _check_inputs(
@@ -171,7 +188,7 @@ def gated_delta_rule(
             cu_seqlens[-1] = T, non-decreasing). Each sequence starts from its own initial state,
             and no state crosses a boundary. Equals running each sequence on its own.
         backend (str):
-            "auto" | "recurrent" | "chunk" | "fla" (see module docstring). All compute in float32
+            "auto" | "recurrent" | "chunk" | "cpp" | "fla" (see module docstring). All compute in float32
             (float64 inputs stay float64), whatever the input dtype.
 
     Returns:
@@ -184,7 +201,7 @@ def gated_delta_rule(
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    impl = _IMPLS[resolve_backend(backend, q)]
+    impl = _IMPLS[resolve_backend(backend, q, v)]
     # the kernels pick their own precision (float32 accumulation); an enclosing autocast region must
     # not turn their internal matmuls and triangular solves into bf16 (CPU has no bf16 trsm)
     with torch.autocast(q.device.type, enabled=False):

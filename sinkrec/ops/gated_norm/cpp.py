@@ -9,8 +9,6 @@ Equal to `naive.gated_rms_norm_reference` up to float rounding (tests/ops/test_g
 """
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -96,22 +94,16 @@ std::vector<torch::Tensor> gnorm_bwd(torch::Tensor x, torch::Tensor g, torch::Te
 }
 """
 
-_CPP_DECL = """
-torch::Tensor gnorm_fwd(torch::Tensor x, torch::Tensor g, torch::Tensor w, double eps);
-std::vector<torch::Tensor> gnorm_bwd(torch::Tensor x, torch::Tensor g, torch::Tensor w, torch::Tensor dy,
-                                     double eps);
-"""
+FUNCTIONS = ("gnorm_fwd", "gnorm_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
 
 
-@cache
 def _module():
-    return _cpp.build("sinkrec_gated_norm", _CPP_DECL, _SOURCE, ["gnorm_fwd", "gnorm_bwd"])
+    return _cpp.module()
 
 
-@cache
 def cpp_available() -> bool:
-    """True when the extension builds here (see `sinkrec.ops._cpp.buildable`)."""
-    return _cpp.buildable(_module)
+    """True when the C++ kernels build here (`sinkrec.ops._cpp.available`)."""
+    return _cpp.available()
 
 
 class GatedRMSNormCppFunction(torch.autograd.Function):

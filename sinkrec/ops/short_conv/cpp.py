@@ -15,8 +15,6 @@ compiler): `cpp_available()` says which.
 """
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -136,24 +134,16 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
 }
 """
 
-_CPP_DECL = """
-torch::Tensor conv_fwd(torch::Tensor x, torch::Tensor w, bool silu);
-std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Tensor dout, bool silu,
-                                    bool want_dx, bool want_dw);
-"""
+FUNCTIONS = ("conv_fwd", "conv_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
 
 
-@cache
 def _module():
-    return _cpp.build("sinkrec_short_conv", _CPP_DECL, _SOURCE, ["conv_fwd", "conv_bwd"])
+    return _cpp.module()
 
 
-@cache
 def cpp_available() -> bool:
-    """True when the extension builds (or is already built) here; False without a C++ compiler ($CXX,
-    else c++), when the build fails, or with SINKREC_NO_CPP=1 (`sinkrec.ops._cpp`): the PyTorch fast
-    path (channels_last) then runs. The first build takes ~50 s, then it is cached."""
-    return _cpp.buildable(_module)
+    """True when the C++ kernels build here (`sinkrec.ops._cpp.available`)."""
+    return _cpp.available()
 
 
 class ShortConvCppFunction(torch.autograd.Function):
