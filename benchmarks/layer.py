@@ -10,8 +10,10 @@ Layers (all d_model = 64, 2 heads, the residual update of one sublayer, no FFN):
                     the best case for SASRec
     sdpa_masked     the same layer as sinkrec.model.SASRec runs it: a [B, 1, T, T] causal & key-is-real
                     mask built per call, so SDPA takes its O(T^2)-memory math path
-    tdgd_chunk      TDGD (SinkRec's layer), chunked delta rule; tdgd_recurrent: per-step delta rule. Gates,
-                    conv and output norm on their `auto` backends, as the trainer runs them (C++ on CPU)
+    tdgd_chunk      TDGD (SinkRec's layer) as the trainer runs it: every op on its `auto` backend, i.e. on
+                    CPU the C++ kernels (chunked delta rule, gates, short conv, gated output norm) where
+                    they build; `SINKREC_NO_CPP=1 python -m benchmarks.layer` measures the PyTorch paths
+                    (chunk.py etc.). tdgd_recurrent: the per-step delta rule
     tdgd_chunk_conv1d  tdgd_chunk with its short conv on the F.conv1d reference (conv_backend=reference)
                     instead of the [B, T, C] fast path: the gain of sinkrec/ops/short_conv side by side
     elastic_lda     ELASTIC's linear dispatcher attention (32 dispatchers per head), chunked
@@ -94,7 +96,7 @@ def _layer_case(kind: str, T: int, reps: int) -> dict:
             y = lda(h, mask)[0]
             return y if pkm is None else y + pkm(h + y)  # the block's second residual sublayer
     else:
-        backend = kind.removeprefix("tdgd_").removesuffix("_conv1d")
+        backend = {"chunk": "auto"}.get(kind.removeprefix("tdgd_").removesuffix("_conv1d"), "recurrent")
         conv = "reference" if kind.endswith("_conv1d") else "auto"
         layer = TDGD(SinkRecConfig(num_items=1, d_model=D_MODEL, n_heads=N_HEADS, kernel_backend=backend,
                                    gate_backend="auto", conv_backend=conv).validate())
@@ -141,7 +143,7 @@ def _op_case(T: int, reps: int) -> dict:
     do = torch.randn(B, T, H, K)
 
     def fwd_bwd():
-        o, _ = gated_delta_rule(q, k, v, g, beta, backend="chunk")
+        o, _ = gated_delta_rule(q, k, v, g, beta, backend="auto")  # the C++ kernel where it builds
         o.backward(do)
 
     times = _timeit(fwd_bwd, reps)
@@ -250,7 +252,7 @@ def main() -> None:
         if tdgd_extras:
             results["chunk_op"].append({"T": T, **_run_case(["op", str(T), str(args.reps)])})
     if tdgd_extras:
-        results["gates"] = {b: _run_case(["gates", b, str(max(args.reps, 5))]) for b in ("reference", "compile")}
+        results["gates"] = {b: _run_case(["gates", b, str(max(args.reps, 5))]) for b in ("reference", "compile", "cpp")}
 
     results["goals"] = [{"goal": n, "measured": g, "target": w} for n, g, w in _goals(results)]
     results["vs_sasrec"] = _vs_sasrec(results)
@@ -341,7 +343,7 @@ def _report(res: dict) -> None:
         print(f"\nfused gates fwd+bwd (16 x 1024 tokens): eager {g['reference']['median_ms']:.2f} ms, "
               f"torch.compile {g['compile']['median_ms']:.2f} ms "
               f"({g['reference']['median_ms'] / g['compile']['median_ms']:.2f}x; first call compiles in "
-              f"{g['compile']['first_call_s']:.1f} s)")
+              f"{g['compile']['first_call_s']:.1f} s), C++ {g['cpp']['median_ms']:.2f} ms")
     print("\ngoals (speed-up of TDGD chunk):")
     for name, got, want in _goals(res):
         verdict = "met" if got >= want else ("not measured" if math.isnan(got) else "NOT met")

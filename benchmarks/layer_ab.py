@@ -11,8 +11,9 @@ ratio usable on a shared machine: load from other jobs lands on both sides alike
 before/after pair measured minutes apart can differ by 15% from load alone.
 
 Cases (16,384 tokens per batch, d_model 64, 2 heads, as `benchmarks/layer.py`):
-    layer   TDGD (`kernel_backend=chunk`, reference gates, default conv): one sublayer's residual update
-    op      the chunked delta rule alone (`gated_delta_rule(..., backend="chunk")`)
+    layer   TDGD as the trainer runs it (every backend `auto`): one sublayer's residual update
+    op      the chunked delta rule alone (`gated_delta_rule(..., backend="auto")`: chunk.py, or the C++
+            kernel in a checkout that has one)
 Printed: per case, the median over rounds of each side, and BASE / this checkout (> 1: faster here)
 with the range of the per-round ratios.
 """
@@ -44,7 +45,7 @@ def _child(kind: str, T: int, reps: int, tokens: int = TOKENS) -> float:
         from sinkrec.config import SinkRecConfig
         from sinkrec.layers import TDGD
 
-        layer = TDGD(SinkRecConfig(num_items=1, d_model=D_MODEL, n_heads=N_HEADS, kernel_backend="chunk",
+        layer = TDGD(SinkRecConfig(num_items=1, d_model=D_MODEL, n_heads=N_HEADS, kernel_backend="auto",
                                    gate_backend="auto").validate())
         h = torch.randn(B, T, D_MODEL, requires_grad=True)
         dy, m = torch.randn(B, T, D_MODEL), torch.randn(B, T, D_MODEL)
@@ -66,7 +67,7 @@ def _child(kind: str, T: int, reps: int, tokens: int = TOKENS) -> float:
         do = torch.randn(B, T, H, K)
 
         def step():
-            o, _ = gated_delta_rule(q, k, v, g, beta, scale=1.0, backend="chunk")
+            o, _ = gated_delta_rule(q, k, v, g, beta, scale=1.0, backend="auto")
             o.backward(do)
     else:
         raise SystemExit(f"layer_ab: unknown case {kind!r}")
