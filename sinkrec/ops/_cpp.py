@@ -71,3 +71,11 @@ def available() -> bool:
         return True
     except Exception:  # noqa: BLE001  no compiler, no headers, a failed build: the fallbacks run
         return False
+
+
+def check(fits: bool, key: str, needs: str, got: str, fallback: str) -> None:
+    """The explicit `<key>='cpp'` choice of an op's dispatcher: raise, saying what the kernel runs and
+    what it got, unless the inputs fit (`fits`) and the kernels build here."""
+    if not (fits and available()):
+        raise ValueError(f"{key}='cpp' runs {needs} where the C++ kernels build; got {got}, kernels "
+                         f"{'built' if available() else 'not buildable here'}. {fallback}")

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from sinkrec.ops import _cpp
+from sinkrec.ops._cpp import available as cpp_available
 from sinkrec.ops._optional import triton_available
-from sinkrec.ops.fused_gates.cpp import cpp_available, gates_cpp
+from sinkrec.ops.fused_gates.cpp import gates_cpp
 from sinkrec.ops.fused_gates.naive import GateOut, gates_reference
 
 BACKENDS = ("auto", "reference", "compile", "triton", "cpp")
@@ -30,10 +32,9 @@ def resolve_gate_backend(backend: str, x: torch.Tensor, rho_bias: bool = False) 
     if backend not in BACKENDS:
         raise ValueError(f"fused_gates: gate_backend={backend!r} is not one of {BACKENDS}")
     fits_cpp = not x.is_cuda and x.dtype == torch.float32
-    if backend == "cpp" and not (fits_cpp and cpp_available()):
-        raise ValueError(f"fused_gates: gate_backend='cpp' runs float32 CPU tensors where the C++ extension "
-                         f"builds (got {x.dtype} on {x.device}, extension "
-                         f"{'built' if cpp_available() else 'not buildable here'}); use 'auto' to fall back")
+    if backend == "cpp":
+        _cpp.check(fits_cpp, "fused_gates: gate_backend", "float32 CPU tensors", f"{x.dtype} on {x.device}",
+                   "Use 'auto' to fall back")
     if backend != "auto":
         return backend
     if x.is_cuda:

@@ -252,14 +252,6 @@ std::vector<torch::Tensor> gates_bwd(torch::Tensor q, torch::Tensor k, torch::Te
 FUNCTIONS = ("gates_fwd", "gates_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
 
 
-def _module():
-    return _cpp.module()
-
-
-def cpp_available() -> bool:
-    """True when the C++ kernels build here (`sinkrec.ops._cpp.available`)."""
-    return _cpp.available()
-
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """[B, T, H(, D)] -> [B*T, H(, D)] with a contiguous last dim; a view where the strides allow."""
@@ -280,7 +272,7 @@ class GatesCppFunction(torch.autograd.Function):
         ins = [_rows(x) for x in (q, k, v, km, vm, a_x, b_x, l_x)] + [
             phi.reshape(-1).float().contiguous(), mask.reshape(-1).float(), par,
             bias if rho_bias is None else rho_bias.contiguous().flatten(0, 1)]
-        qo, vo, g, beta, r = _module().gates_fwd(*ins, purify_write, diff_read, temporal)
+        qo, vo, g, beta, r = _cpp.module().gates_fwd(*ins, purify_write, diff_read, temporal)
         ctx.save_for_backward(*ins[:2], *ins[3:])  # all but v
         ctx.flags = (purify_write, diff_read, temporal)
         ctx.has_bias = rho_bias is not None
@@ -294,7 +286,7 @@ class GatesCppFunction(torch.autograd.Function):
         B, T, H, K = dqo.shape
         V = dvo.shape[-1]
         c = lambda x, *shape: x.contiguous().view(*shape)
-        dq, dk, dkm, dvm, da, db, dl, dbias, dpar = _module().gates_bwd(
+        dq, dk, dkm, dvm, da, db, dl, dbias, dpar = _cpp.module().gates_bwd(
             q, k, km, vm, a_x, b_x, l_x, phi, mask, par, bias, c(dqo, B * T, H, K), c(dvo, B * T, H, V),
             c(dg, B * T, H), c(dbeta, B * T, H), c(dr, B * T, H), purify_write, diff_read, temporal)
         bt = (B, T, H)

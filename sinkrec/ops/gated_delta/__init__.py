@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from sinkrec.ops import _cpp
+from sinkrec.ops._cpp import available as cpp_available
 from sinkrec.ops._optional import fla_available
 from sinkrec.ops.gated_delta.chunk import chunk_gated_delta_rule
-from sinkrec.ops.gated_delta.cpp import chunk_cpp_gated_delta_rule, cpp_available, cpp_fits
+from sinkrec.ops.gated_delta.cpp import chunk_cpp_gated_delta_rule, cpp_fits
 from sinkrec.ops.gated_delta.fla import fla_gated_delta_rule
 from sinkrec.ops.gated_delta.naive import recurrent_gated_delta_rule
 
@@ -40,13 +42,10 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor | None = None
     if backend not in BACKENDS:
         raise ValueError(f"gated_delta_rule: backend={backend!r} is not one of {BACKENDS}")
     v = q if v is None else v
-    if backend == "cpp" and not (cpp_fits(q, v) and cpp_available()):
-        raise ValueError(
-            f"gated_delta_rule: backend='cpp' runs CPU tensors with K = V in {{16, 32, 64, 128}} and float32 "
-            f"accumulation where the C++ extension builds; got K = {q.shape[-1]}, V = {v.shape[-1]}, "
-            f"{q.dtype} on {q.device}, extension {'built' if cpp_available() else 'not buildable here'}. "
-            "Use 'auto' (falls back to 'chunk') or 'chunk'"
-        )
+    if backend == "cpp":
+        _cpp.check(cpp_fits(q, v), "gated_delta_rule: backend", "CPU tensors with K = V in {16, 32, 64, 128} and "
+                   "float32 accumulation", f"K = {q.shape[-1]}, V = {v.shape[-1]}, {q.dtype} on {q.device}",
+                   "Use 'auto' (falls back to 'chunk') or 'chunk'")
     if backend != "auto":
         return backend
     if q.is_cuda and fla_available():

@@ -154,6 +154,15 @@ def _prepare(q, k, v, g, beta, scale: float, C: int, packed: _Packed | None):
     return q, k, v, gamma, beta
 
 
+def _layout(q, k, v, g, beta, scale: float, cu_seqlens: torch.Tensor | None):
+    """The chunk layout of one call (shared with the C++ kernel, cpp.py): the packing (None unpacked), which
+    chunks start and end a sequence, the number of sequences, and `_prepare`'s inputs."""
+    packed = None if cu_seqlens is None else _Packed(cu_seqlens, CHUNK_SIZE)
+    chunks = _Padded(k.shape[1], CHUNK_SIZE) if packed is None else packed
+    n_seq = 1 if packed is None else len(cu_seqlens) - 1
+    return packed, chunks, n_seq, _prepare(q, k, v, g, beta, scale, CHUNK_SIZE, packed)
+
+
 def _chunks_per_group(N: int, BH: int) -> int:
     """How many chunks (of every sequence and head) one batched step processes.
 
@@ -426,10 +435,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, scale: float, initial_state: torch.Tensor | None,
                 cu_seqlens: torch.Tensor | None = None):
         B, T, H, K, V = *k.shape, v.shape[-1]
-        packed = None if cu_seqlens is None else _Packed(cu_seqlens, CHUNK_SIZE)
-        chunks = _Padded(T, CHUNK_SIZE) if packed is None else packed
-        n_seq = 1 if packed is None else len(cu_seqlens) - 1
-        qc, kc, vc, gamma, betac = _prepare(q, k, v, g, beta, scale, CHUNK_SIZE, packed)
+        packed, chunks, n_seq, (qc, kc, vc, gamma, betac) = _layout(q, k, v, g, beta, scale, cu_seqlens)
         # states of the rows [B*H] of each sequence: unpacked, one sequence of B*H rows; packed
         # (B = 1), N sequences of H rows
         h0 = None if initial_state is None else initial_state.reshape(n_seq, B * H, K, V)

@@ -20,7 +20,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from sinkrec.ops import _cpp
-from sinkrec.ops.gated_delta.chunk import CHUNK_SIZE, _from_chunks, _Packed, _Padded, _prepare, _to_chunks
+from sinkrec.ops.gated_delta import chunk as _chunk
+from sinkrec.ops.gated_delta.chunk import _from_chunks, _layout, _Packed, _Padded, _to_chunks
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -43,9 +44,10 @@ using I = int64_t;
 template <I N>
 static constexpr I rows_at_once() { return N >= 128 ? 1 : 128 / N; }
 
-// c[M x N] (+)= alpha a[M x P] b[P x N]; row-major with leading dims lc, la, lb
-template <I M, I P, I N>
-static inline void mm(float* c, I lc, const float* a, I la, const float* b, I lb, bool acc, float alpha = 1.f) {
+// c[M x N] (+)= alpha op(a) b, row-major with leading dims lc, la, lb; op(a) = a [M x P], or a^T with
+// a [P x M] when TA
+template <I M, I P, I N, bool TA>
+static inline void matmul(float* c, I lc, const float* a, I la, const float* b, I lb, bool acc, float alpha) {
   constexpr I R = rows_at_once<N>() < M ? rows_at_once<N>() : M;
   static_assert(M % R == 0, "rows must split evenly");
   for (I i = 0; i < M; i += R) {
@@ -57,7 +59,7 @@ static inline void mm(float* c, I lc, const float* a, I la, const float* b, I lb
     for (I l = 0; l < P; ++l) {
       const float* __restrict__ bl = b + l * lb;
       for (I r = 0; r < R; ++r) {
-        const float s = alpha * a[(i + r) * la + l];
+        const float s = alpha * (TA ? a[l * la + i + r] : a[(i + r) * la + l]);
 #pragma omp simd
         for (I j = 0; j < N; ++j) t[r][j] += s * bl[j];
       }
@@ -66,28 +68,14 @@ static inline void mm(float* c, I lc, const float* a, I la, const float* b, I lb
   }
 }
 
-// c[M x N] (+)= alpha a^T b with a [P x M], b [P x N]
 template <I M, I P, I N>
+static inline void mm(float* c, I lc, const float* a, I la, const float* b, I lb, bool acc, float alpha = 1.f) {
+  matmul<M, P, N, false>(c, lc, a, la, b, lb, acc, alpha);
+}
+
+template <I M, I P, I N>  // c (+)= alpha a^T b, a [P x M]
 static inline void mm_tn(float* c, I lc, const float* a, I la, const float* b, I lb, bool acc, float alpha = 1.f) {
-  constexpr I R = rows_at_once<N>() < M ? rows_at_once<N>() : M;
-  static_assert(M % R == 0, "rows must split evenly");
-  for (I i = 0; i < M; i += R) {
-    float t[R][N];
-    for (I r = 0; r < R; ++r) {
-      if (acc) std::memcpy(t[r], c + (i + r) * lc, N * sizeof(float));
-      else std::memset(t[r], 0, N * sizeof(float));
-    }
-    for (I l = 0; l < P; ++l) {
-      const float* __restrict__ bl = b + l * lb;
-      const float* __restrict__ al = a + l * la + i;
-      for (I r = 0; r < R; ++r) {
-        const float s = alpha * al[r];
-#pragma omp simd
-        for (I j = 0; j < N; ++j) t[r][j] += s * bl[j];
-      }
-    }
-    for (I r = 0; r < R; ++r) std::memcpy(c + (i + r) * lc, t[r], N * sizeof(float));
-  }
+  matmul<M, P, N, true>(c, lc, a, la, b, lb, acc, alpha);
 }
 
 // t[N x M] = a[M x N]^T (a with leading dim la)
@@ -110,7 +98,7 @@ template <I C, I K, I V>
 struct Chunk {
   static constexpr I VK = V + K;
   alignas(64) float eg[C], ed[C], M[C * C], kb[C * K], kT[K * C], A[C * C], P[C * C], Tinv[C * C],
-      rhs[C * VK], W[C * VK];
+      rhs[C * VK], W[C * VK], qg[C * K], kd[C * K];
 
   // q, k [C x K], v [C x V], gm (gamma, the within-chunk cumsum of g), bt (beta) [C]
   void factors(const float* q, const float* k, const float* v, const float* gm, const float* bt) {
@@ -174,6 +162,12 @@ struct Chunk {
       for (I c = 0; c < K; ++c) rhs[i * VK + V + c] = kb[i * K + c] * eg[i];
     }
     mm<C, C, VK>(W, VK, Tinv, C, rhs, VK, false);  // [W_v | W_k]
+    for (I i = 0; i < C; ++i)  // e^gamma Q reads the entering state, e^{gamma_C - gamma} K writes the leaving one
+#pragma omp simd
+      for (I c = 0; c < K; ++c) {
+        qg[i * K + c] = q[i * K + c] * eg[i];
+        kd[i * K + c] = k[i * K + c] * ed[i];
+      }
   }
 
   // U [C x V] = W_v - W_k S0
@@ -196,7 +190,8 @@ static void fwd(const Args& a) {
   const I N = a.N, BH = a.BH;
   at::parallel_for(0, BH, 1, [&](I lo, I hi) {
     auto ch = std::make_unique<Chunk<C, K, V>>();
-    alignas(64) float S[K * V], U[C * V], qg[C * K], kd[C * K];
+    alignas(64) float S[K * V], U[C * V];
+    const float *qg = ch->qg, *kd = ch->kd;
     for (I bh = lo; bh < hi; ++bh) {
       for (I n = 0; n < N; ++n) {
         const I r = n * BH + bh;  // this chunk-head in the [N, BH] layout
@@ -208,12 +203,6 @@ static void fwd(const Args& a) {
         const float *qc = a.q + r * C * K, *kc = a.k + r * C * K, *gm = a.gamma + r * C;
         ch->factors(qc, kc, a.v + r * C * V, gm, a.beta + r * C);
         ch->u(U, S);
-        for (I i = 0; i < C; ++i)
-#pragma omp simd
-          for (I c = 0; c < K; ++c) {
-            qg[i * K + c] = qc[i * K + c] * ch->eg[i];
-            kd[i * K + c] = kc[i * K + c] * ch->ed[i];
-          }
         float* oc = a.o + r * C * V;  // O = (e^gamma Q) S0 + (Q K^T o M) U
         mm<C, K, V>(oc, V, qg, K, S, V, false);
         mm<C, C, V>(oc, V, ch->P, C, U, V, true);
@@ -234,12 +223,13 @@ static void bwd(const Args& a) {
   at::parallel_for(0, BH, 1, [&](I lo, I hi) {
     auto ch = std::make_unique<Chunk<C, K, V>>();
     struct Scratch {
-      alignas(64) float dS[K * V], dS0[K * V], U[C * V], dU[C * V], qg[C * K], kd[C * K], S0T[V * K], dS1T[V * K],
+      alignas(64) float dS[K * V], dS0[K * V], U[C * V], dU[C * V], S0T[V * K], dS1T[V * K],
           dqg[C * K], dkd[C * K], dW[C * VK], drhs[C * VK], WT[VK * C], UT[V * C], dA[C * C], dP[C * C],
           dkbt[C * K], dgam[C], col[C];
     };
     auto sc = std::make_unique<Scratch>();
-    float *dS = sc->dS, *dS0 = sc->dS0, *U = sc->U, *dU = sc->dU, *qg = sc->qg, *kd = sc->kd;
+    float *dS = sc->dS, *dS0 = sc->dS0, *U = sc->U, *dU = sc->dU;
+    const float *qg = ch->qg, *kd = ch->kd;
     float *dqg = sc->dqg, *dkd = sc->dkd, *dW = sc->dW, *drhs = sc->drhs, *dA = sc->dA, *dP = sc->dP;
     float *dkbt = sc->dkbt, *dgam = sc->dgam, *col = sc->col;
     for (I bh = lo; bh < hi; ++bh) {
@@ -252,12 +242,6 @@ static void bwd(const Args& a) {
         ch->factors(qc, kc, vc, gm, bt);
         ch->u(U, S0);
         const float decay = std::exp(gm[C - 1]);
-        for (I i = 0; i < C; ++i)
-#pragma omp simd
-          for (I c = 0; c < K; ++c) {
-            qg[i * K + c] = qc[i * K + c] * ch->eg[i];
-            kd[i * K + c] = kc[i * K + c] * ch->ed[i];
-          }
         // dU = P^T dO + kd dS1;  dS0 = e^{gamma_C} dS1 + qg^T dO - W_k^T dU
         mm_tn<C, C, V>(dU, V, ch->P, C, doc, V, false);
         mm<C, K, V>(dU, V, kd, K, dS, V, true);
@@ -390,14 +374,6 @@ std::vector<torch::Tensor> chunk_bwd(torch::Tensor q, torch::Tensor k, torch::Te
 FUNCTIONS = ("chunk_fwd", "chunk_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
 
 
-def _module():
-    return _cpp.module()
-
-
-def cpp_available() -> bool:
-    """True when the C++ kernels build here (`sinkrec.ops._cpp.available`)."""
-    return _cpp.available()
-
 
 KV_SIZES = (16, 32, 64, 128)  # the instantiated head dims (K = V)
 
@@ -405,7 +381,7 @@ KV_SIZES = (16, 32, 64, 128)  # the instantiated head dims (K = V)
 def cpp_fits(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel runs these inputs: CPU, K = V in KV_SIZES, float32 accumulation (float64 stays
     on chunk.py, which accumulates in float64), the chunk size it is built for."""
-    return (not q.is_cuda and q.shape[-1] == v.shape[-1] and q.shape[-1] in KV_SIZES and CHUNK_SIZE == 32
+    return (not q.is_cuda and q.shape[-1] == v.shape[-1] and q.shape[-1] in KV_SIZES and _chunk.CHUNK_SIZE == 32
             and torch.promote_types(v.dtype, torch.float32) == torch.float32)
 
 
@@ -419,15 +395,12 @@ class ChunkCppFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale: float, initial_state, cu_seqlens):
         B, T, H, K, V = *k.shape, v.shape[-1]
-        packed = None if cu_seqlens is None else _Packed(cu_seqlens, CHUNK_SIZE)
-        chunks = _Padded(T, CHUNK_SIZE) if packed is None else packed
-        n_seq = 1 if packed is None else len(cu_seqlens) - 1
-        qc, kc, vc, gamma, betac = _prepare(q, k, v, g, beta, scale, CHUNK_SIZE, packed)
+        packed, chunks, n_seq, (qc, kc, vc, gamma, betac) = _layout(q, k, v, g, beta, scale, cu_seqlens)
         BH = kc.shape[1]
         h0 = None if initial_state is None else initial_state.reshape(n_seq, BH, K, V).float().contiguous()
         final = qc.new_zeros(n_seq, BH, K, V) if h0 is None else h0.clone()
         bounds = _bounds(chunks)
-        o, states = _module().chunk_fwd(qc, kc, vc, gamma, betac, *bounds,
+        o, states = _cpp.module().chunk_fwd(qc, kc, vc, gamma, betac, *bounds,
                                         torch.empty(0) if h0 is None else h0, final)
         ctx.save_for_backward(qc, kc, vc, gamma, betac, states)
         ctx.bounds, ctx.packed, ctx.n_seq, ctx.shape, ctx.scale = bounds, packed, n_seq, (B, T), scale
@@ -451,7 +424,7 @@ class ChunkCppFunction(torch.autograd.Function):
             doc = _to_chunks(do, C, torch.float32) if packed is None else packed.to_chunks(do, C, torch.float32)
         dht = qc.new_zeros(ctx.n_seq, BH, K, V) if dht is None else dht.float().reshape(ctx.n_seq, BH, K, V).contiguous()
         dh0 = dht.clone()  # a sequence with no positions passes its final-state gradient straight back
-        dq, dk, dv, dg, dbeta = _module().chunk_bwd(qc, kc, vc, gamma, betac, states, doc, *ctx.bounds, dht, dh0)
+        dq, dk, dv, dg, dbeta = _cpp.module().chunk_bwd(qc, kc, vc, gamma, betac, states, doc, *ctx.bounds, dht, dh0)
         back = (lambda x: _from_chunks(x, B, T)) if packed is None else packed.from_chunks
         dq = back(dq)
         if ctx.scale != 1.0:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from sinkrec.ops.gated_norm.cpp import cpp_available, gated_rms_norm_cpp
+from sinkrec.ops import _cpp
+from sinkrec.ops._cpp import available as cpp_available
+from sinkrec.ops.gated_norm.cpp import gated_rms_norm_cpp
 from sinkrec.ops.gated_norm.naive import gated_rms_norm_reference, gated_rms_norm_torch
 
 BACKENDS = ("auto", "reference", "torch", "cpp")
@@ -23,10 +25,9 @@ def resolve_gated_norm_backend(backend: str, x: torch.Tensor, g: torch.Tensor) -
     if backend not in BACKENDS:
         raise ValueError(f"gated_rms_norm: backend={backend!r} is not one of {BACKENDS}")
     fits_cpp = not x.is_cuda and x.dtype == g.dtype == torch.float32
-    if backend == "cpp" and not (fits_cpp and cpp_available()):
-        raise ValueError(f"gated_rms_norm: backend='cpp' runs float32 CPU tensors where the C++ extension builds "
-                         f"(got x {x.dtype}, g {g.dtype} on {x.device}, extension "
-                         f"{'built' if cpp_available() else 'not buildable here'}); use 'auto' to fall back")
+    if backend == "cpp":
+        _cpp.check(fits_cpp, "gated_rms_norm: backend", "float32 CPU tensors", f"x {x.dtype}, g {g.dtype} on {x.device}",
+                   "Use 'auto' to fall back")
     if backend != "auto":
         return backend
     return "cpp" if fits_cpp and cpp_available() else "torch"

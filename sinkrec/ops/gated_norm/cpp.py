@@ -97,14 +97,6 @@ std::vector<torch::Tensor> gnorm_bwd(torch::Tensor x, torch::Tensor g, torch::Te
 FUNCTIONS = ("gnorm_fwd", "gnorm_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
 
 
-def _module():
-    return _cpp.module()
-
-
-def cpp_available() -> bool:
-    """True when the C++ kernels build here (`sinkrec.ops._cpp.available`)."""
-    return _cpp.available()
-
 
 class GatedRMSNormCppFunction(torch.autograd.Function):
     @staticmethod
@@ -112,13 +104,13 @@ class GatedRMSNormCppFunction(torch.autograd.Function):
         x, g, w = x.contiguous(), g.contiguous(), weight.detach().float().contiguous()
         ctx.save_for_backward(x, g, w)
         ctx.eps = eps
-        return _module().gnorm_fwd(x, g, w, eps)
+        return _cpp.module().gnorm_fwd(x, g, w, eps)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x, g, w = ctx.saved_tensors
-        dx, dg, dw = _module().gnorm_bwd(x, g, w, dy.contiguous(), ctx.eps)
+        dx, dg, dw = _cpp.module().gnorm_bwd(x, g, w, dy.contiguous(), ctx.eps)
         want_dx, want_dg, want_dw = ctx.needs_input_grad[:3]
         return (dx if want_dx else None), (dg if want_dg else None), (dw if want_dw else None), None
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from sinkrec.ops import _cpp
+from sinkrec.ops._cpp import available as cpp_available
 from sinkrec.ops.short_conv.channels_last import short_conv_channels_last
-from sinkrec.ops.short_conv.cpp import cpp_available, short_conv_cpp
+from sinkrec.ops.short_conv.cpp import short_conv_cpp
 from sinkrec.ops.short_conv.naive import short_conv_reference
 
 BACKENDS = ("auto", "reference", "channels_last", "cpp")
@@ -28,10 +30,9 @@ def resolve_conv_backend(backend: str, x: torch.Tensor) -> str:
     """Map `backend` (possibly "auto") to the implementation that will run for input `x`."""
     if backend not in BACKENDS:
         raise ValueError(f"short_conv: conv_backend={backend!r} is not one of {BACKENDS}")
-    if backend == "cpp" and (x.is_cuda or x.dtype != torch.float32 or not cpp_available()):
-        raise ValueError(f"short_conv: conv_backend='cpp' runs float32 CPU tensors where the C++ extension builds "
-                         f"(got {x.dtype} on {x.device}, extension {'built' if cpp_available() else 'not buildable here'}); "
-                         "use 'auto' to fall back to channels_last")
+    if backend == "cpp":
+        _cpp.check(not x.is_cuda and x.dtype == torch.float32, "short_conv: conv_backend", "float32 CPU tensors",
+                   f"{x.dtype} on {x.device}", "Use 'auto' to fall back to channels_last")
     if backend != "auto":
         return backend
     if x.is_cuda:

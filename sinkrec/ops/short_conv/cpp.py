@@ -137,14 +137,6 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
 FUNCTIONS = ("conv_fwd", "conv_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
 
 
-def _module():
-    return _cpp.module()
-
-
-def cpp_available() -> bool:
-    """True when the C++ kernels build here (`sinkrec.ops._cpp.available`)."""
-    return _cpp.available()
-
 
 class ShortConvCppFunction(torch.autograd.Function):
     @staticmethod
@@ -153,7 +145,7 @@ class ShortConvCppFunction(torch.autograd.Function):
         taps = _taps(weight, x.dtype)  # [W, C]
         ctx.save_for_backward(x, weight)
         ctx.silu = silu
-        return _module().conv_fwd(x, taps, silu)
+        return _cpp.module().conv_fwd(x, taps, silu)
 
     @staticmethod
     @once_differentiable
@@ -161,7 +153,7 @@ class ShortConvCppFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         taps = _taps(weight, x.dtype)
         want_dx, want_dw = ctx.needs_input_grad[:2]
-        dx, dw = _module().conv_bwd(x, taps, dout.contiguous(), ctx.silu, want_dx, want_dw)
+        dx, dw = _cpp.module().conv_bwd(x, taps, dout.contiguous(), ctx.silu, want_dx, want_dw)
         return (dx if want_dx else None), (dw.t()[:, None, :].to(weight.dtype) if want_dw else None), None
 
 
