@@ -249,8 +249,7 @@ std::vector<torch::Tensor> gates_bwd(torch::Tensor q, torch::Tensor k, torch::Te
 }
 """
 
-FUNCTIONS = ("gates_fwd", "gates_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
-
+FUNCTIONS = ("gates_fwd", "gates_bwd")  # what _SOURCE exports (sinkrec.ops._cpp builds the kernels as one module)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -268,10 +267,9 @@ class GatesCppFunction(torch.autograd.Function):
         V = v.shape[-1]
         par = torch.stack([A_log, dt_bias, c_a, c_b, s_rho, b_rho]).detach().contiguous()
         l_x = l_x if diff_read else a_x  # unread without the differential read
-        bias = torch.empty(0) if rho_bias is None else rho_bias
+        bias = torch.empty(0) if rho_bias is None else rho_bias.contiguous().flatten(0, 1)  # [B*T, H], dense
         ins = [_rows(x) for x in (q, k, v, km, vm, a_x, b_x, l_x)] + [
-            phi.reshape(-1).float().contiguous(), mask.reshape(-1).float(), par,
-            bias if rho_bias is None else rho_bias.contiguous().flatten(0, 1)]
+            phi.reshape(-1).float().contiguous(), mask.reshape(-1).float(), par, bias]
         qo, vo, g, beta, r = _cpp.module().gates_fwd(*ins, purify_write, diff_read, temporal)
         ctx.save_for_backward(*ins[:2], *ins[3:])  # all but v
         ctx.flags = (purify_write, diff_read, temporal)

@@ -371,8 +371,7 @@ std::vector<torch::Tensor> chunk_bwd(torch::Tensor q, torch::Tensor k, torch::Te
 }
 """
 
-FUNCTIONS = ("chunk_fwd", "chunk_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
-
+FUNCTIONS = ("chunk_fwd", "chunk_bwd")  # what _SOURCE exports (sinkrec.ops._cpp builds the kernels as one module)
 
 
 KV_SIZES = (16, 32, 64, 128)  # the instantiated head dims (K = V)
@@ -404,7 +403,6 @@ class ChunkCppFunction(torch.autograd.Function):
                                         torch.empty(0) if h0 is None else h0, final)
         ctx.save_for_backward(qc, kc, vc, gamma, betac, states)
         ctx.bounds, ctx.packed, ctx.n_seq, ctx.shape, ctx.scale = bounds, packed, n_seq, (B, T), scale
-        ctx.has_h0 = initial_state is not None
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype,
                       None if initial_state is None else initial_state.dtype)
         ctx.set_materialize_grads(False)
@@ -446,6 +444,6 @@ def chunk_cpp_gated_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same contract as `recurrent_gated_delta_rule` (float32 CPU tensors; see `sinkrec.ops.gated_delta_rule`)."""
+    """Same contract as `recurrent_gated_delta_rule` (inputs `cpp_fits` accepts; see `sinkrec.ops.gated_delta_rule`)."""
     o, final_state = ChunkCppFunction.apply(q, k, v, g, beta, scale, initial_state, cu_seqlens)
     return o, (final_state if output_final_state else None)

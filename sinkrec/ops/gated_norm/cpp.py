@@ -94,8 +94,7 @@ std::vector<torch::Tensor> gnorm_bwd(torch::Tensor x, torch::Tensor g, torch::Te
 }
 """
 
-FUNCTIONS = ("gnorm_fwd", "gnorm_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
-
+FUNCTIONS = ("gnorm_fwd", "gnorm_bwd")  # what _SOURCE exports (sinkrec.ops._cpp builds the kernels as one module)
 
 
 class GatedRMSNormCppFunction(torch.autograd.Function):
@@ -103,7 +102,7 @@ class GatedRMSNormCppFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x, g, w = x.contiguous(), g.contiguous(), weight.detach().float().contiguous()
         ctx.save_for_backward(x, g, w)
-        ctx.eps = eps
+        ctx.eps, ctx.w_dtype = eps, weight.dtype
         return _cpp.module().gnorm_fwd(x, g, w, eps)
 
     @staticmethod
@@ -112,7 +111,7 @@ class GatedRMSNormCppFunction(torch.autograd.Function):
         x, g, w = ctx.saved_tensors
         dx, dg, dw = _cpp.module().gnorm_bwd(x, g, w, dy.contiguous(), ctx.eps)
         want_dx, want_dg, want_dw = ctx.needs_input_grad[:3]
-        return (dx if want_dx else None), (dg if want_dg else None), (dw if want_dw else None), None
+        return (dx if want_dx else None), (dg if want_dg else None), (dw.to(ctx.w_dtype) if want_dw else None), None
 
 
 def gated_rms_norm_cpp(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

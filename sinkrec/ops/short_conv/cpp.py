@@ -134,8 +134,7 @@ std::vector<torch::Tensor> conv_bwd(torch::Tensor x, torch::Tensor w, torch::Ten
 }
 """
 
-FUNCTIONS = ("conv_fwd", "conv_bwd")  # what the source exports (sinkrec.ops._cpp builds every kernel as one module)
-
+FUNCTIONS = ("conv_fwd", "conv_bwd")  # what _SOURCE exports (sinkrec.ops._cpp builds the kernels as one module)
 
 
 class ShortConvCppFunction(torch.autograd.Function):
