@@ -96,7 +96,7 @@ def _layer_case(kind: str, T: int, reps: int) -> dict:
             y = lda(h, mask)[0]
             return y if pkm is None else y + pkm(h + y)  # the block's second residual sublayer
     else:
-        backend = {"chunk": "auto"}.get(kind.removeprefix("tdgd_").removesuffix("_conv1d"), "recurrent")
+        backend = "recurrent" if kind == "tdgd_recurrent" else "auto"  # tdgd_chunk*: the trainer's choice
         conv = "reference" if kind.endswith("_conv1d") else "auto"
         layer = TDGD(SinkRecConfig(num_items=1, d_model=D_MODEL, n_heads=N_HEADS, kernel_backend=backend,
                                    gate_backend="auto", conv_backend=conv).validate())

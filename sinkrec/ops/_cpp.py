@@ -3,8 +3,8 @@ one extension module: one compile (~60 s the first time, once per CPU instructio
 in $TORCH_EXTENSIONS_DIR) instead of one per op, since parsing torch's headers is most of it.
 
 Each kernel file holds `_SOURCE` (C++) and `FUNCTIONS` (what it exports). Here each source goes into
-its own namespace (their helpers share names) with its #include lines hoisted to the top, and its
-functions are exported to Python. Compiled with -O3 -ffast-math and the CPU's vector ISA, so GCC
+its own namespace, with its #include lines hoisted to the top and `COMMON`'s helpers (sig, dot) in
+view, and its functions are exported to Python. Compiled with -O3 -ffast-math and the CPU's vector ISA, so GCC
 vectorizes exp through glibc's vector math library (libmvec); results differ from the PyTorch
 references by float rounding only (each op's tests hold them equal).
 """
@@ -18,6 +18,25 @@ from functools import cache
 import torch
 
 KERNELS = ("short_conv", "gated_norm", "fused_gates", "gated_delta")  # sinkrec/ops/<name>/cpp.py
+
+# helpers every kernel may call (each kernel's namespace sees them)
+COMMON = r"""
+#include <cmath>
+#include <cstdint>
+
+namespace common {
+// the logistic function; inside `omp simd` loops its exp vectorizes through libmvec (-ffast-math)
+static inline float sig(float z) { return 1.f / (1.f + std::exp(-z)); }
+
+// <a, b> over n floats (n a constant at most call sites, once inlined)
+static inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+  return s;
+}
+}  // namespace common
+"""
 
 
 def flags() -> tuple[str, list[str]]:
@@ -36,14 +55,14 @@ def enabled() -> bool:
 
 
 def source() -> tuple[str, list[str]]:
-    """The one translation unit (every kernel in its namespace) and the exported function names."""
-    includes, bodies, functions = [], [], []
+    """The one translation unit (COMMON, then every kernel in its namespace) and the exported function names."""
+    includes, bodies, functions = [], [COMMON], []
     for name in KERNELS:
         kernel = importlib.import_module(f"sinkrec.ops.{name}.cpp")
         lines = kernel._SOURCE.strip("\n").splitlines()
         includes += [line for line in lines if line.startswith("#include") and line not in includes]
         body = "\n".join(line for line in lines if not line.startswith("#include"))
-        bodies.append(f"namespace {name} {{\n{body}\n}}  // namespace {name}\n"
+        bodies.append(f"namespace {name} {{\nusing namespace common;\n{body}\n}}  // namespace {name}\n"
                       + "".join(f"using {name}::{f};\n" for f in kernel.FUNCTIONS))
         functions += kernel.FUNCTIONS
     return "\n".join(includes) + "\n\n" + "\n".join(bodies), functions

@@ -32,7 +32,7 @@ _SOURCE = r"""
 // then the rows' vector outputs.
 static constexpr int64_t BLOCK = 128;  // positions per block
 
-static inline float sig(float z) { return 1.f / (1.f + std::exp(-z)); }
+// sig, dot: sinkrec.ops._cpp.COMMON
 static inline float softplus(float z) { return std::fmax(z, 0.f) + std::log(1.f + std::exp(-std::fabs(z))); }
 
 // a [BT, H, D] view with a contiguous last dim: element (p, h, c) at p * s0 + h * s1 + c
@@ -47,13 +47,6 @@ struct Cols {
   explicit Cols(const torch::Tensor& t) : p(t.data_ptr<float>()), s0(t.stride(0)), s1(t.stride(1)) {}
   float at(int64_t pos, int64_t h) const { return p[pos * s0 + h * s1]; }
 };
-
-static inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
-  return s;
-}
 
 // the inputs both passes read
 struct In {

@@ -85,14 +85,6 @@ static inline void transpose(float* __restrict__ t, const float* __restrict__ a,
     for (I j = 0; j < N; ++j) t[j * M + i] = a[i * la + j];
 }
 
-template <I N>
-static inline float dot(const float* __restrict__ a, const float* __restrict__ b) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (I c = 0; c < N; ++c) s += a[c] * b[c];
-  return s;
-}
-
 // one chunk's state-independent factors (chunk.py `_intra_chunk`)
 template <I C, I K, I V>
 struct Chunk {
@@ -249,7 +241,7 @@ static void bwd(const Args& a) {
         for (I e = 0; e < K * V; ++e) dS0[e] = decay * dS[e];
         mm_tn<K, C, V>(dS0, V, qg, K, doc, V, true);
         mm_tn<K, C, V>(dS0, V, ch->W + V, VK, dU, V, true, -1.f);
-        const float dgamma_C = decay * dot<K * V>(S0, dS);
+        const float dgamma_C = decay * dot(S0, dS, K * V);
         transpose<K, V>(sc->S0T, S0, V);
         transpose<K, V>(sc->dS1T, dS, V);
         mm<C, V, K>(dqg, K, doc, V, sc->S0T, K, false);  // dO S0^T
@@ -297,10 +289,10 @@ static void bwd(const Args& a) {
           }
 #pragma omp simd
           for (I c = 0; c < V; ++c) dvc[i * V + c] = dvb[c] * bi;
-          a.dbeta[rr * C + i] = dot<K>(dkbt + i * K, kc + i * K) + dot<V>(dvb, vc + i * V);
-          const float r = dot<K>(dkd + i * K, kd + i * K);
+          a.dbeta[rr * C + i] = dot(dkbt + i * K, kc + i * K, K) + dot(dvb, vc + i * V, V);
+          const float r = dot(dkd + i * K, kd + i * K, K);
           rsum += r;
-          dgam[i] += dot<K>(dqg + i * K, qg + i * K) + dot<K>(dkb, ch->kb + i * K) * egi - r;
+          dgam[i] += dot(dqg + i * K, qg + i * K, K) + dot(dkb, ch->kb + i * K, K) * egi - r;
         }
         dgam[C - 1] += dgamma_C + rsum;
         float acc = 0.f;  // gamma = cumsum(g): dg_j = sum_{i >= j} dgamma_i

@@ -20,14 +20,9 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 
-static inline float sig(float z) { return 1.f / (1.f + std::exp(-z)); }
-
-// 1 / sqrt(mean(x^2) + eps) of one row
+// 1 / sqrt(mean(x^2) + eps) of one row (sig, dot: sinkrec.ops._cpp.COMMON)
 static inline float inv_rms(const float* __restrict__ x, int64_t V, float eps) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < V; ++c) ss += x[c] * x[c];
-  return 1.f / std::sqrt(ss / (float)V + eps);
+  return 1.f / std::sqrt(dot(x, x, V) / (float)V + eps);
 }
 
 // x, g [R, V] contiguous, w [V] -> y [R, V] = x r w silu(g)

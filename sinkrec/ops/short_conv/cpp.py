@@ -28,8 +28,7 @@ _SOURCE = r"""
 #include <vector>
 
 // x [B, T, C] contiguous float, w [W, C] contiguous (tap W-1 reads the current position)
-// std::exp inside `omp simd` loops: with -ffast-math GCC calls glibc's vector expf (libmvec)
-static inline float sig(float y) { return 1.f / (1.f + std::exp(-y)); }
+// sig (sinkrec.ops._cpp.COMMON) inside `omp simd` loops: with -ffast-math GCC calls glibc's vector expf
 
 // o[c] = y[r, c] = sum_{s < W, s <= t} w[W-1-s, c] x[r-s, c]: row r (time t) of the conv before the
 // activation; the forward writes it, the backward recomputes it
